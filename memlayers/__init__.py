@@ -1,0 +1,15 @@
+"""memlayers: memory layers for PyTorch with fused Triton kernels.
+
+Importing this package imports torch only: never faiss, transformers or triton, and never
+initializes CUDA (those load on first use).
+"""
+from ._version import __version__
+
+from .ops import knn_search
+
+__all__ = [
+    "__version__",
+
+
+    "knn_search",
+]

@@ -1,0 +1,67 @@
+"""``knn_search``: fused exact top-k search over a memory of keys."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..utils import FLOAT_DTYPES, check_choice, check_positive_int, check_same_device, check_tensor, load_triton_module, resolve_backend
+from .naive import knn_search_naive
+
+METRICS = ("ip", "cosine", "l2")
+
+
+def knn_search(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    valid_lengths: Optional[torch.Tensor] = None,
+    metric: str = "ip",
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k search of every query among the keys of its batch row and kv-head.
+
+    Args:
+        queries: ``[B, Hq, T, D]``, fp32/fp16/bf16, D in 1..256.
+        keys: ``[B, Hkv, M, D]``, same dtype and device; ``Hq`` a multiple of ``Hkv`` (grouped-query:
+            query head ``h`` searches kv-head ``h // (Hq // Hkv)``).
+        k: results per query, any positive int (results past the number of valid keys are marked).
+        valid_lengths: optional ``[B]`` or ``[B, Hkv]`` integer tensor: only slots ``< valid_lengths``
+            are searched (a memory that is not full yet).
+        metric: ``"ip"`` (q.k), ``"cosine"`` or ``"l2"`` (scores are ``-||q-k||^2``); higher is better.
+        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(scores [B, Hq, T, k] fp32, indices [B, Hq, T, k] int64)``, best first; a missing result has
+        score ``-inf`` and index ``-1``.
+
+    Example:
+        >>> import torch, memlayers as ml
+        >>> q, keys = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 1000, 64)
+        >>> scores, idx = ml.knn_search(q, keys, k=5)
+        >>> scores.shape, idx.shape
+        (torch.Size([1, 4, 3, 5]), torch.Size([1, 4, 3, 5]))
+    """
+    check_tensor("queries", queries, ndim=4, dtypes=FLOAT_DTYPES)
+    B, Hq, T, D = queries.shape
+    check_tensor("keys", keys, shape=(B, None, None, D), dtypes=(queries.dtype,))
+    check_same_device(queries=queries, keys=keys)
+    Hkv = keys.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"queries' head count ({Hq}) must be a multiple of keys' head count ({Hkv})")
+    if not 1 <= D <= 256:
+        raise ValueError(f"queries' last dimension D must be in 1..256, got {D}")
+    check_positive_int("k", k)
+    check_choice("metric", metric, METRICS)
+    if valid_lengths is not None:
+        check_tensor("valid_lengths", valid_lengths, dtypes=(torch.int32, torch.int64))
+        if tuple(valid_lengths.shape) not in ((B,), (B, Hkv)):
+            raise ValueError(f"valid_lengths must have shape ({B},) or ({B}, {Hkv}), got {tuple(valid_lengths.shape)}")
+        check_same_device(queries=queries, valid_lengths=valid_lengths)
+
+    if resolve_backend(backend, queries, keys) == "triton":
+        return load_triton_module("knn_search").knn_search_triton(queries, keys, k, valid_lengths, metric)
+    return knn_search_naive(queries, keys, k, valid_lengths, metric)
+
+
+__all__ = ["knn_search", "knn_search_naive", "METRICS"]
