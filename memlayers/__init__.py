@@ -4,12 +4,12 @@ Importing this package imports torch only: never faiss, transformers or triton, 
 initializes CUDA (those load on first use).
 """
 from ._version import __version__
-
+from .memory import KNNMemory, KNNSearchResult
 from .ops import knn_search
 
 __all__ = [
     "__version__",
-
-
+    "KNNMemory",
+    "KNNSearchResult",
     "knn_search",
 ]

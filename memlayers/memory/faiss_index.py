@@ -1,0 +1,218 @@
+"""FAISS indexes behind ``KNNMemory(backend="faiss")``: one index per (batch row, kv-head).
+
+Slot ids stay in step with the ring buffer in one of two ways:
+- *incremental* (CPU Flat and IVF-Flat): each vector is added with its slot id, and an overwritten
+  slot is removed (``remove_ids``) before its new vector is added;
+- *rebuild* (HNSW, which cannot remove, and GPU indexes): vectors are added in slot order, so FAISS's
+  sequential ids are the slot ids; once a write evicts anything the index is marked stale and rebuilt
+  from the buffer, in slot order, before the next search.
+
+IVF indexes train (deterministically: FAISS seeds its k-means) once a row/head holds ``train_size``
+vectors; until then that row/head is searched exactly. faiss is imported here only.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("KNNMemory(backend='faiss') needs faiss: pip install memlayers[faiss]") from e
+    return faiss
+
+
+def _gpu_count(faiss) -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+class FaissIndexSet:
+    """B x H FAISS indexes mirroring a KNNMemory's key buffer (see the module docstring)."""
+
+    def __init__(self, batch_size: int, heads: int, dim: int, capacity: int, metric: str, index_type: str,
+                 options: dict, device: torch.device):
+        faiss = _faiss()
+        known = {"nlist", "nprobe", "train_size", "hnsw_m", "ef_search", "use_gpu"}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"index_options has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        self.B, self.H, self.D, self.C = batch_size, heads, dim, capacity
+        self.metric, self.index_type = metric, index_type
+        self.nlist = int(options.get("nlist", 64))
+        self.nprobe = int(options.get("nprobe", 8))
+        self.train_size = int(options.get("train_size", max(39 * self.nlist, 256)))
+        self.hnsw_m = int(options.get("hnsw_m", 32))
+        self.ef_search = int(options.get("ef_search", 64))
+        use_gpu = options.get("use_gpu")
+        if use_gpu is None:
+            use_gpu = device.type == "cuda" and _gpu_count(faiss) > 0
+        if use_gpu and _gpu_count(faiss) == 0:
+            raise ValueError("index_options['use_gpu'] is True but this faiss build has no GPU support")
+        # HNSW has no GPU implementation in faiss: it stays on the host.
+        self.use_gpu = bool(use_gpu) and index_type != "hnsw"
+        self.gpu_device = (device.index or 0) if device.type == "cuda" else 0
+        self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
+        self.incremental = index_type in ("flat", "ivf") and not self.use_gpu
+        self._faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        self.indexes = [[self._new_index() for _ in range(heads)] for _ in range(batch_size)]
+        self.stale = np.zeros((batch_size, heads), dtype=bool)
+
+    # ------------------------------------------------------------------ construction
+    def _new_cpu_index(self):
+        faiss = _faiss()
+        if self.index_type == "flat":
+            base = faiss.IndexFlatL2(self.D) if self.metric == "l2" else faiss.IndexFlatIP(self.D)
+            return faiss.IndexIDMap(base) if self.incremental else base
+        if self.index_type == "ivf":
+            quantizer = faiss.IndexFlatL2(self.D) if self.metric == "l2" else faiss.IndexFlatIP(self.D)
+            index = faiss.IndexIVFFlat(quantizer, self.D, self.nlist, self._faiss_metric)
+            index.nprobe = self.nprobe
+            return index
+        index = faiss.IndexHNSWFlat(self.D, self.hnsw_m, self._faiss_metric)
+        index.hnsw.efSearch = self.ef_search
+        return index
+
+    def _to_device(self, cpu_index):
+        if not self.use_gpu:
+            return cpu_index
+        return _faiss().index_cpu_to_gpu(self._gpu_resources, self.gpu_device, cpu_index)
+
+    def _new_index(self):
+        return self._to_device(self._new_cpu_index())
+
+    def _vectors(self, x: torch.Tensor) -> np.ndarray:
+        v = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        if self.metric == "cosine":
+            _faiss().normalize_L2(v)
+        return v
+
+    # ------------------------------------------------------------------ keeping in step
+    def _needs_training(self, index) -> bool:
+        return not index.is_trained
+
+    def _fill(self, b: int, h: int, keys_buf: torch.Tensor, count: int) -> None:
+        """(Re)build index (b, h) from the buffer's valid slots 0..count-1, training IVF if due."""
+        index = self.indexes[b][h]
+        index.reset()
+        self.stale[b, h] = False
+        if count == 0:
+            return
+        vecs = self._vectors(keys_buf[b, h, :count])
+        if self._needs_training(index):
+            if count < self.train_size:
+                return  # searched exactly until enough vectors arrive
+            index.train(vecs)
+        if self.incremental:
+            index.add_with_ids(vecs, np.arange(count, dtype=np.int64))
+        else:
+            index.add(vecs)
+
+    def write(self, slots: torch.Tensor, was_valid: torch.Tensor, keys_buf: torch.Tensor, count: torch.Tensor) -> None:
+        """Mirror a write that already landed in the buffer.
+
+        Args:
+            slots: ``[B, T]`` slot ids just written.
+            was_valid: ``[B, T]`` True where the slot held an entry that was evicted.
+            keys_buf: ``[B, H, C, D]`` the memory's key buffer after the write.
+            count: ``[B]`` valid slots after the write.
+        """
+        slots_np = slots.cpu().numpy().astype(np.int64)
+        evicted_np = was_valid.cpu().numpy()
+        counts = count.cpu().tolist()
+        for b in range(self.B):
+            evicted = slots_np[b][evicted_np[b]]
+            for h in range(self.H):
+                index = self.indexes[b][h]
+                if self._needs_training(index):
+                    if counts[b] >= self.train_size:
+                        self._fill(b, h, keys_buf, counts[b])
+                    continue
+                if not self.incremental:
+                    if evicted.size or index.ntotal + slots_np.shape[1] != counts[b]:
+                        self.stale[b, h] = True
+                    elif not self.stale[b, h]:
+                        index.add(self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]))
+                    continue
+                if evicted.size:
+                    index.remove_ids(evicted)
+                index.add_with_ids(self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]), slots_np[b])
+
+    def reset_rows(self, rows: List[int]) -> None:
+        for b in rows:
+            for h in range(self.H):
+                # Keep IVF training: the coarse quantizer still describes the key distribution.
+                self.indexes[b][h].reset()
+                self.stale[b, h] = False
+
+    # ------------------------------------------------------------------ searching
+    def search(self, queries: torch.Tensor, k: int, keys_buf: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """queries ``[B, Hq, T, D]`` -> (scores ``[B, Hq, T, k]`` fp32, slot indices ``[B, Hq, T, k]`` int64)."""
+        from ..ops.knn_search import knn_search_naive
+
+        B, Hq, T, D = queries.shape
+        G = Hq // self.H
+        counts = count.cpu().tolist()
+        scores = np.full((B, self.H, G * T, k), -np.inf, dtype=np.float32)
+        labels = np.full((B, self.H, G * T, k), -1, dtype=np.int64)
+        q_all = queries.reshape(B, self.H, G * T, D)
+        for b in range(B):
+            for h in range(self.H):
+                index = self.indexes[b][h]
+                if self.stale[b, h]:
+                    self._fill(b, h, keys_buf, counts[b])
+                if counts[b] == 0:
+                    continue
+                if self._needs_training(index):  # IVF still gathering its training set: exact search
+                    s, i = knn_search_naive(q_all[b : b + 1, h : h + 1], keys_buf[b : b + 1, h : h + 1], k,
+                                            valid_lengths=count[b : b + 1], metric=self.metric)
+                    scores[b, h], labels[b, h] = s[0, 0].cpu().numpy(), i[0, 0].cpu().numpy()
+                    continue
+                dist, ids = index.search(self._vectors(q_all[b, h]), k)
+                scores[b, h] = -dist if self.metric == "l2" else dist
+                labels[b, h] = ids
+        scores[labels < 0] = -np.inf
+        out_s = torch.from_numpy(scores).reshape(B, Hq, T, k).to(queries.device)
+        out_i = torch.from_numpy(labels).reshape(B, Hq, T, k).to(queries.device)
+        return out_s, out_i
+
+    # ------------------------------------------------------------------ persistence
+    def _cpu(self, index):
+        return _faiss().index_gpu_to_cpu(index) if self.use_gpu else index
+
+    def serialize(self) -> Dict[str, torch.Tensor]:
+        """``{"<row>.<head>": uint8 tensor}``: every index as FAISS serializes it (stale ones as stale)."""
+        faiss = _faiss()
+        out = {}
+        for b in range(self.B):
+            for h in range(self.H):
+                blob = faiss.serialize_index(self._cpu(self.indexes[b][h]))
+                out[f"{b}.{h}"] = torch.from_numpy(np.array(blob, dtype=np.uint8, copy=True))
+        out["stale"] = torch.from_numpy(self.stale.astype(np.uint8))
+        return out
+
+    def deserialize(self, blobs: Dict[str, torch.Tensor], keys_buf: torch.Tensor, count: torch.Tensor) -> None:
+        """Restore from ``serialize``'s output; with none (a state dict without FAISS entries), rebuild."""
+        faiss = _faiss()
+        counts = count.cpu().tolist()
+        for b in range(self.B):
+            for h in range(self.H):
+                key = f"{b}.{h}"
+                if key in blobs:
+                    cpu_index = faiss.deserialize_index(blobs[key].cpu().numpy())
+                    self.indexes[b][h] = self._to_device(cpu_index)
+                else:
+                    self._fill(b, h, keys_buf, counts[b])
+        if "stale" in blobs:
+            self.stale = blobs["stale"].cpu().numpy().astype(bool).reshape(self.B, self.H)
+
+    def nbytes(self) -> int:
+        total = 0
+        for row in self.indexes:
+            for index in row:
+                # Stored vectors dominate: ntotal x D fp32 (graph / list overheads not counted).
+                total += index.ntotal * self.D * 4
+        return total

@@ -1,0 +1,327 @@
+"""``KNNMemory``: a store of (key, value) pairs per batch row and kv-head, searched by exact top-k or FAISS.
+
+Layout (the gpt-fast KV-cache shape: registered buffers, explicit setup):
+
+    keys      [B, H, C, D]    values [B, H, C, Dv]
+    positions [B, C] int64    absolute token position of each slot (-1 while empty)
+    count     [B]    int64    valid slots; slots 0..count-1 until the ring is full, then all C
+    write_ptr [B]    int64    the next slot to write (ring-buffer FIFO eviction)
+    next_position [B] int64   the position given to the next token added without explicit positions
+
+Every public method validates all of its arguments before it touches any buffer, so a failed call
+leaves the memory exactly as it was.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..ops.knn_search import METRICS, knn_search
+from ..ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
+from ..ops.utils.guards import same_device
+from .result import KNNSearchResult
+
+BACKENDS = ("exact", "faiss")
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+_FORMAT = "memlayers.KNNMemory/1"
+
+
+class KNNMemory(nn.Module):
+    """A kNN memory of past (key, value) pairs, one ring buffer per batch row and kv-head.
+
+    Args:
+        batch_size: B, independent memories (one per sequence in the batch).
+        heads: H, kv-heads per row; queries may have any multiple of H heads (grouped-query).
+        dim: D, key dimension (1..256).
+        value_dim: Dv, value dimension (default D).
+        capacity: C, slots per row; the oldest entries are evicted first once full.
+        backend: ``"exact"`` (fused exact top-k, ``ml.knn_search``) or ``"faiss"``.
+        metric: ``"ip"``, ``"cosine"`` or ``"l2"`` (scores are higher-is-better; l2 gives ``-||q-k||^2``).
+        index: FAISS index type for ``backend="faiss"``: ``"flat"``, ``"ivf"`` (IVF-Flat) or ``"hnsw"``.
+        index_options: FAISS options: ``nlist`` (IVF lists, default 64), ``nprobe`` (default 8),
+            ``train_size`` (vectors needed before an IVF index trains; exact search until then;
+            default ``max(39 * nlist, 256)``), ``hnsw_m`` (default 32), ``ef_search`` (default 64),
+            ``use_gpu`` (default: when faiss has GPUs and the memory is on CUDA).
+        device, dtype: where the buffers live and their dtype (fp32, fp16 or bf16).
+        search_backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the exact search.
+
+    Example:
+        >>> import torch, memlayers as ml
+        >>> mem = ml.KNNMemory(batch_size=2, heads=4, dim=64, capacity=1024)
+        >>> mem.add(torch.randn(2, 4, 100, 64), torch.randn(2, 4, 100, 64))
+        >>> res = mem.search(torch.randn(2, 8, 3, 64), k=16)   # 8 query heads share 4 kv-heads
+        >>> res.values.shape
+        torch.Size([2, 8, 3, 16, 64])
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        heads: int,
+        dim: int,
+        value_dim: Optional[int] = None,
+        *,
+        capacity: int = 4096,
+        backend: str = "exact",
+        metric: str = "ip",
+        index: str = "flat",
+        index_options: Optional[dict] = None,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        search_backend: str = "auto",
+    ):
+        super().__init__()
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("heads", heads)
+        check_positive_int("dim", dim)
+        if dim > 256:
+            raise ValueError(f"dim must be in 1..256, got {dim}")
+        value_dim = dim if value_dim is None else check_positive_int("value_dim", value_dim)
+        check_positive_int("capacity", capacity)
+        check_choice("backend", backend, BACKENDS)
+        check_choice("metric", metric, METRICS)
+        check_choice("index", index, INDEX_TYPES)
+        check_choice("search_backend", search_backend, ("auto", "torch", "triton"))
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+
+        self.batch_size, self.heads, self.dim, self.value_dim = batch_size, heads, dim, value_dim
+        self.capacity, self.backend, self.metric, self.index_type = capacity, backend, metric, index
+        self.index_options = dict(index_options or {})
+        self.search_backend = search_backend
+
+        B, H, C = batch_size, heads, capacity
+        self.register_buffer("keys", torch.zeros(B, H, C, dim, device=device, dtype=dtype))
+        self.register_buffer("values", torch.zeros(B, H, C, value_dim, device=device, dtype=dtype))
+        self.register_buffer("positions", torch.full((B, C), -1, device=device, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(B, device=device, dtype=torch.long))
+        self.register_buffer("write_ptr", torch.zeros(B, device=device, dtype=torch.long))
+        self.register_buffer("next_position", torch.zeros(B, device=device, dtype=torch.long))
+
+        self._index = None
+        if backend == "faiss":
+            from .faiss_index import FaissIndexSet
+
+            self._index = FaissIndexSet(B, H, dim, C, metric, index, self.index_options, device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    def config(self) -> dict:
+        """Constructor arguments (JSON-serializable) that rebuild an empty memory of this shape."""
+        return {
+            "batch_size": self.batch_size, "heads": self.heads, "dim": self.dim, "value_dim": self.value_dim,
+            "capacity": self.capacity, "backend": self.backend, "metric": self.metric, "index": self.index_type,
+            "index_options": self.index_options, "dtype": str(self.dtype).replace("torch.", ""),
+            "search_backend": self.search_backend,
+        }
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (plus FAISS indexes, when present)."""
+        total = sum(b.numel() * b.element_size() for b in self.buffers())
+        if self._index is not None:
+            total += self._index.nbytes()
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"batch_size={self.batch_size}, heads={self.heads}, dim={self.dim}, value_dim={self.value_dim}, "
+                f"capacity={self.capacity}, backend={self.backend!r}, metric={self.metric!r}")
+
+    # ------------------------------------------------------------------ validation
+    def _check_float(self, name: str, x, shape) -> None:
+        check_tensor(name, x, shape=shape, dtypes=(self.dtype,))
+        if not same_device(x.device, self.device):
+            raise ValueError(f"{name} must be on the memory's device {self.device}, got {x.device}")
+
+    def _check_positions(self, positions, T: int) -> torch.Tensor:
+        check_tensor("positions", positions, dtypes=(torch.int32, torch.int64))
+        if tuple(positions.shape) == (T,):
+            positions = positions.unsqueeze(0).expand(self.batch_size, T)
+        elif tuple(positions.shape) != (self.batch_size, T):
+            raise ValueError(f"positions must have shape ({T},) or ({self.batch_size}, {T}), got {tuple(positions.shape)}")
+        if not same_device(positions.device, self.device):
+            raise ValueError(f"positions must be on the memory's device {self.device}, got {positions.device}")
+        if T and bool((positions < 0).any()):
+            raise ValueError("positions must be non-negative")
+        return positions.long()
+
+    def _rows_mask(self, rows) -> torch.Tensor:
+        B = self.batch_size
+        if rows is None:
+            return torch.ones(B, dtype=torch.bool, device=self.device)
+        if isinstance(rows, int) and not isinstance(rows, bool):
+            rows = torch.tensor([rows])
+        if isinstance(rows, (list, tuple)):
+            rows = torch.tensor(rows, dtype=torch.long)
+        check_tensor("rows", rows, ndim=1)
+        if rows.dtype == torch.bool:
+            if rows.shape[0] != B:
+                raise ValueError(f"rows as a boolean mask must have shape ({B},), got {tuple(rows.shape)}")
+            return rows.to(self.device)
+        if rows.is_floating_point() or rows.is_complex():
+            raise TypeError(f"rows must be integer row ids or a boolean mask, got dtype {rows.dtype}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= B):
+            raise ValueError(f"rows must be row ids in 0..{B - 1}, got {rows.tolist()}")
+        mask = torch.zeros(B, dtype=torch.bool, device=self.device)
+        mask[rows.to(self.device)] = True
+        return mask
+
+    # ------------------------------------------------------------------ writing
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor, positions: Optional[torch.Tensor] = None) -> None:
+        """Append T tokens to every row, evicting the oldest slots once the ring is full.
+
+        Args:
+            keys: ``[B, H, T, D]``, the memory's dtype and device, finite.
+            values: ``[B, H, T, Dv]``, likewise.
+            positions: optional ``[B, T]`` or ``[T]`` non-negative ints, the tokens' absolute positions
+                (default: each row continues from ``next_position``).
+
+        When T exceeds the capacity only the last C tokens are kept.
+        """
+        B, H, D, Dv = self.batch_size, self.heads, self.dim, self.value_dim
+        self._check_float("keys", keys, (B, H, None, D))
+        T = keys.shape[2]
+        self._check_float("values", values, (B, H, T, Dv))
+        if positions is not None:
+            positions = self._check_positions(positions, T)
+        check_finite("keys", keys)
+        check_finite("values", values)
+        if T == 0:
+            return
+
+        if positions is None:
+            positions = self.next_position[:, None] + torch.arange(T, device=self.device)
+        next_position = positions[:, -1] + 1
+        C = self.capacity
+        if T > C:  # only the newest C tokens can survive
+            keys, values, positions = keys[:, :, -C:], values[:, :, -C:], positions[:, -C:]
+            T = C
+
+        slots = (self.write_ptr[:, None] + torch.arange(T, device=self.device)) % C  # [B, T]
+        # Slots that already held a valid entry are overwritten: an index must forget them.
+        was_valid = slots < self.count[:, None]
+        self.keys.scatter_(2, slots[:, None, :, None].expand(B, H, T, D), keys)
+        self.values.scatter_(2, slots[:, None, :, None].expand(B, H, T, Dv), values)
+        self.positions.scatter_(1, slots, positions)
+        self.count.copy_(torch.clamp(self.count + T, max=C))
+        self.write_ptr.copy_((self.write_ptr + T) % C)
+        self.next_position.copy_(next_position)
+        if self._index is not None:
+            self._index.write(slots, was_valid, self.keys, self.count)
+
+    @torch.no_grad()
+    def reset(self, rows=None) -> None:
+        """Empty the chosen rows (None: all; row ids, or a ``[B]`` boolean mask), e.g. at document boundaries.
+
+        Other rows are left exactly as they were.
+        """
+        mask = self._rows_mask(rows)
+        self.keys[mask] = 0
+        self.values[mask] = 0
+        self.positions[mask] = -1
+        self.count[mask] = 0
+        self.write_ptr[mask] = 0
+        self.next_position[mask] = 0
+        if self._index is not None:
+            self._index.reset_rows(mask.nonzero().flatten().tolist())
+
+    # ------------------------------------------------------------------ reading
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int, gather: bool = True) -> KNNSearchResult:
+        """Retrieve the top-k memories of every query from its own row and kv-head.
+
+        Args:
+            queries: ``[B, Hq, T, D]``, the memory's dtype and device; ``Hq`` a multiple of ``H``
+                (query head ``h`` searches kv-head ``h // (Hq // H)``).
+            k: memories per query (results beyond the stored count are marked missing).
+            gather: also return the gathered ``keys [B, Hq, T, k, D]`` and ``values [B, Hq, T, k, Dv]``;
+                a fused consumer (``ml.ops.memory_attention``) passes False and gathers by index itself.
+
+        Returns:
+            ``KNNSearchResult`` with ``scores``, ``indices``, ``positions``, ``mask`` (``[B, Hq, T, k]``)
+            and, with ``gather``, ``keys`` and ``values``.
+        """
+        B, H, D = self.batch_size, self.heads, self.dim
+        self._check_float("queries", queries, (B, None, None, D))
+        Hq, T = queries.shape[1], queries.shape[2]
+        if Hq % H != 0:
+            raise ValueError(f"queries' head count ({Hq}) must be a multiple of the memory's heads ({H})")
+        check_positive_int("k", k)
+        check_finite("queries", queries)
+
+        if self._index is not None:
+            scores, indices = self._index.search(queries, k, self.keys, self.count)
+        else:
+            scores, indices = knn_search(queries, self.keys, k, valid_lengths=self.count,
+                                         metric=self.metric, backend=self.search_backend)
+        mask = indices >= 0
+        safe = indices.clamp_min(0)
+        positions = self.positions.gather(1, safe.reshape(B, -1)).reshape(B, Hq, T, k).masked_fill(~mask, -1)
+        result = KNNSearchResult(scores=scores, indices=indices, positions=positions, mask=mask)
+        if gather:
+            result.keys = self._gather(self.keys, safe, mask)
+            result.values = self._gather(self.values, safe, mask)
+        return result
+
+    def _gather(self, buf: torch.Tensor, safe: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Query head hq = h * G + g reads kv-head h: fold (G, T, k) into one index axis per kv-head.
+        B, Hq, T, k = safe.shape
+        H, E = buf.shape[1], buf.shape[3]
+        idx = safe.reshape(B, H, -1, 1).expand(-1, -1, -1, E)
+        out = buf.gather(2, idx).reshape(B, Hq, T, k, E)
+        return out.masked_fill(~mask[..., None], 0)
+
+    # ------------------------------------------------------------------ persistence
+    # FAISS indexes travel in the state dict as uint8 tensors ("faiss.<row>.<head>"), so that a
+    # memory inside a model saves with safetensors like any other weight.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._index is not None:
+            for key, blob in self._index.serialize().items():
+                destination[f"{prefix}faiss.{key}"] = blob
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        tag = f"{prefix}faiss."
+        blobs = {k[len(tag):]: v for k, v in state_dict.items() if k.startswith(tag)}
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(tag)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if blobs and self._index is None and strict:
+            unexpected_keys.extend(tag + k for k in blobs)
+        if self._index is not None:
+            self._index.deserialize(blobs, self.keys, self.count)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the memory (buffers, configuration, FAISS indexes) to a safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"format": _FORMAT, "config": json.dumps(self.config())})
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: Optional[Union[torch.device, str]] = None) -> "KNNMemory":
+        """Rebuild a memory saved with ``save``: same contents, pointers, positions and FAISS indexes."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a saved KNNMemory (format {meta.get('format')!r})")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        config = json.loads(meta["config"])
+        config["dtype"] = getattr(torch, config["dtype"])
+        mem = cls(**config, device=device)
+        mem.load_state_dict(tensors)
+        return mem
