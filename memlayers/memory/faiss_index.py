@@ -17,6 +17,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
+_HNSW_SEED = 12345
+
 
 def _faiss():
     try:
@@ -94,6 +96,17 @@ class FaissIndexSet:
     def _needs_training(self, index) -> bool:
         return not index.is_trained
 
+    def _add(self, index, vecs: np.ndarray, ids: np.ndarray = None) -> None:
+        if self.index_type == "hnsw":
+            # HNSW draws node levels from an RNG that serialization does not keep: seeding it from the
+            # index size makes the graph a function of the data alone, so a saved-and-loaded index
+            # (or a rebuilt one) stays identical to the original as both keep growing.
+            index.hnsw.rng = _faiss().RandomGenerator(_HNSW_SEED + index.ntotal)
+        if ids is None:
+            index.add(vecs)
+        else:
+            index.add_with_ids(vecs, ids)
+
     def _fill(self, b: int, h: int, keys_buf: torch.Tensor, count: int) -> None:
         """(Re)build index (b, h) from the buffer's valid slots 0..count-1, training IVF if due."""
         index = self.indexes[b][h]
@@ -106,10 +119,7 @@ class FaissIndexSet:
             if count < self.train_size:
                 return  # searched exactly until enough vectors arrive
             index.train(vecs)
-        if self.incremental:
-            index.add_with_ids(vecs, np.arange(count, dtype=np.int64))
-        else:
-            index.add(vecs)
+        self._add(index, vecs, np.arange(count, dtype=np.int64) if self.incremental else None)
 
     def write(self, slots: torch.Tensor, was_valid: torch.Tensor, keys_buf: torch.Tensor, count: torch.Tensor) -> None:
         """Mirror a write that already landed in the buffer.
@@ -135,11 +145,11 @@ class FaissIndexSet:
                     if evicted.size or index.ntotal + slots_np.shape[1] != counts[b]:
                         self.stale[b, h] = True
                     elif not self.stale[b, h]:
-                        index.add(self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]))
+                        self._add(index, self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]))
                     continue
                 if evicted.size:
                     index.remove_ids(evicted)
-                index.add_with_ids(self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]), slots_np[b])
+                self._add(index, self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]), slots_np[b])
 
     def reset_rows(self, rows: List[int]) -> None:
         for b in rows:

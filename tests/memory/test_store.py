@@ -1,0 +1,267 @@
+"""KNNMemory: ring-buffer eviction, search backends, reset, persistence, bad input, soak."""
+import os
+
+import pytest
+import torch
+
+import memlayers as ml
+
+pytest.importorskip("faiss")
+
+BACKENDS = [
+    dict(backend="exact", search_backend="torch"),
+    dict(backend="exact", search_backend="triton"),
+    dict(backend="faiss", index="flat"),
+    dict(backend="faiss", index="ivf", index_options=dict(nlist=4, nprobe=4, train_size=40)),
+    dict(backend="faiss", index="hnsw"),
+]
+IDS = ["exact-torch", "exact-triton", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+
+
+def stream(mem, steps, T, start=0):
+    """Add tokens whose value[..., 0] is the token's global id and whose keys are random."""
+    B, H, D, Dv = mem.batch_size, mem.heads, mem.dim, mem.value_dim
+    all_keys = []
+    for step in range(steps):
+        keys = torch.randn(B, H, T, D)
+        values = torch.randn(B, H, T, Dv)
+        ids = torch.arange(start + step * T, start + (step + 1) * T, dtype=torch.float32)
+        values[..., 0] = ids
+        mem.add(keys, values)
+        all_keys.append(keys)
+    return torch.cat(all_keys, dim=2)  # [B, H, total, D]
+
+
+@pytest.mark.parametrize("opts", BACKENDS, ids=IDS)
+def test_values_stay_paired_with_keys_after_wraparound(opts):
+    mem = ml.KNNMemory(2, 2, 16, 8, capacity=50, **opts)
+    all_keys = stream(mem, steps=9, T=13)  # 117 tokens through 50 slots: wraps twice
+    total = all_keys.shape[2]
+    assert mem.count.tolist() == [50, 50] and mem.write_ptr.tolist() == [117 % 50] * 2
+    q = torch.randn(2, 4, 6, 16)
+    res = mem.search(q, k=10)
+    assert bool(res.mask.all())
+    ids = res.values[..., 0].long()  # [B, Hq, T, k]
+    # Only the newest C tokens are retrievable, and each value came with the key that was retrieved.
+    assert int(ids.min()) >= total - 50
+    assert torch.equal(res.positions, ids)
+    kv_head = torch.arange(4) // 2
+    expected_keys = all_keys[torch.arange(2)[:, None, None, None], kv_head[None, :, None, None], ids]
+    assert torch.equal(res.keys, expected_keys)
+    # The slot ids index the buffers directly.
+    assert torch.equal(mem.values[0, 0, res.indices[0, 0]][..., 0].long(), ids[0, 0])
+
+
+@pytest.mark.parametrize("opts", BACKENDS[2:], ids=IDS[2:])
+def test_faiss_matches_exact(opts):
+    exact = ml.KNNMemory(2, 2, 32, capacity=300, search_backend="torch")
+    other = ml.KNNMemory(2, 2, 32, capacity=300, **opts)
+    for _ in range(5):
+        keys, values = torch.randn(2, 2, 80, 32), torch.randn(2, 2, 80, 32)
+        exact.add(keys, values)
+        other.add(keys, values)
+    q = torch.randn(2, 2, 20, 32)
+    a, b = exact.search(q, 16), other.search(q, 16)
+    if opts["index"] == "hnsw":  # approximate: high recall
+        hits = (a.indices[..., None] == b.indices[..., None, :]).any(-1).float().mean().item()
+        assert hits >= 0.9, hits
+    else:  # flat, and IVF probing every list, are exact
+        assert torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_faiss_flat_metrics_match_exact(metric):
+    exact = ml.KNNMemory(1, 1, 16, capacity=64, metric=metric, search_backend="torch")
+    flat = ml.KNNMemory(1, 1, 16, capacity=64, metric=metric, backend="faiss")
+    keys = torch.randn(1, 1, 100, 16)
+    exact.add(keys, keys)
+    flat.add(keys, keys)
+    q = torch.randn(1, 1, 7, 16)
+    a, b = exact.search(q, 5), flat.search(q, 5)
+    assert torch.equal(a.indices, b.indices)
+    assert torch.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_partial_memory_marks_missing():
+    mem = ml.KNNMemory(2, 1, 8, capacity=100, search_backend="torch")
+    mem.add(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
+    res = mem.search(torch.randn(2, 1, 2, 8), k=5)
+    assert res.mask.sum(-1).tolist() == [[[3, 3]], [[3, 3]]]
+    assert bool((res.indices[~res.mask] == -1).all()) and bool((res.positions[~res.mask] == -1).all())
+    assert bool((res.values[~res.mask] == 0).all())
+
+
+def test_add_longer_than_capacity_keeps_newest():
+    mem = ml.KNNMemory(1, 1, 4, capacity=10, search_backend="torch")
+    values = torch.arange(25, dtype=torch.float32).reshape(1, 1, 25, 1).expand(1, 1, 25, 4).contiguous()
+    mem.add(torch.randn(1, 1, 25, 4), values)
+    assert sorted(mem.values[0, 0, :, 0].long().tolist()) == list(range(15, 25))
+    assert sorted(mem.positions[0].tolist()) == list(range(15, 25))
+    assert mem.next_position.tolist() == [25]
+
+
+def test_explicit_positions():
+    mem = ml.KNNMemory(2, 1, 4, capacity=10, search_backend="torch")
+    mem.add(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), positions=torch.tensor([[7, 8, 9], [100, 101, 102]]))
+    assert mem.positions[:, :3].tolist() == [[7, 8, 9], [100, 101, 102]]
+    assert mem.next_position.tolist() == [10, 103]
+    mem.add(torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4))
+    assert mem.positions[:, 3].tolist() == [10, 103]
+
+
+@pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2], BACKENDS[4]], ids=["exact", "faiss-flat", "faiss-hnsw"])
+def test_reset_rows_leaves_others_intact(opts):
+    mem = ml.KNNMemory(3, 2, 8, capacity=20, **opts)
+    stream(mem, steps=3, T=9)
+    before = {k: v.clone() for k, v in mem.state_dict().items() if not k.startswith("faiss")}
+    q = torch.randn(3, 2, 4, 8)
+    res_before = mem.search(q, 4)
+    mem.reset(torch.tensor([1]))
+    assert mem.count.tolist() == [20, 0, 20]
+    for name in ("keys", "values", "positions"):
+        assert torch.equal(getattr(mem, name)[[0, 2]], before[name][[0, 2]])
+    res = mem.search(q, 4)
+    assert bool((res.indices[1] == -1).all())
+    assert torch.equal(res.indices[[0, 2]], res_before.indices[[0, 2]])
+    mem.reset(torch.tensor([True, False, False]))
+    assert mem.count.tolist() == [0, 0, 20]
+    # A reset row fills again from slot 0 with positions from 0.
+    stream(mem, steps=1, T=4)
+    assert mem.count.tolist() == [4, 4, 20] and mem.positions[0, :4].tolist() == [0, 1, 2, 3]
+    mem.reset()
+    assert mem.count.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("opts", BACKENDS[:1] + BACKENDS[2:], ids=IDS[:1] + IDS[2:])
+def test_save_load_round_trip_is_bit_exact(opts, tmp_path):
+    mem = ml.KNNMemory(2, 2, 16, 8, capacity=60, **opts)
+    stream(mem, steps=7, T=11)
+    mem.reset(torch.tensor([1]))
+    stream(mem, steps=1, T=5)
+    path = tmp_path / "mem.safetensors"
+    mem.save(path)
+    loaded = ml.KNNMemory.load(path)
+    assert loaded.config() == mem.config()
+    for (name, a), (_, b) in zip(mem.named_buffers(), loaded.named_buffers()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    q = torch.randn(2, 2, 5, 16)
+    a, b = mem.search(q, 7), loaded.search(q, 7)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+    # The loaded memory keeps streaming exactly like the original.
+    keys, values = torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 8)
+    mem.add(keys, values)
+    loaded.add(keys, values)
+    a, b = mem.search(q, 7), loaded.search(q, 7)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+    # state_dict into a fresh memory of the same configuration.
+    fresh = ml.KNNMemory(2, 2, 16, 8, capacity=60, **opts)
+    fresh.load_state_dict(mem.state_dict())
+    c = fresh.search(q, 7)
+    assert torch.equal(a.indices, c.indices) and torch.equal(a.scores, c.scores)
+
+
+def test_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="not a saved KNNMemory"):
+        ml.KNNMemory.load(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_memory(dtype):
+    mem = ml.KNNMemory(1, 2, 16, capacity=40, dtype=dtype, search_backend="torch")
+    keys = torch.randn(1, 2, 30, 16, dtype=dtype)
+    mem.add(keys, keys)
+    res = mem.search(keys[:, :, :3], k=1)
+    assert res.values.dtype == dtype
+    assert res.indices[..., 0].tolist() == [[[0, 1, 2], [0, 1, 2]]] or bool(res.mask.all())
+
+
+def _state(mem):
+    return {k: v.clone() for k, v in mem.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda m: m.add(torch.randn(2, 2, 16), torch.randn(2, 2, 3, 8)), ValueError, "keys"),
+        (lambda m: m.add(torch.randn(2, 3, 3, 16), torch.randn(2, 3, 3, 8)), ValueError, "keys"),
+        (lambda m: m.add(torch.randn(2, 2, 3, 12), torch.randn(2, 2, 3, 8)), ValueError, "keys"),
+        (lambda m: m.add(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 8)), ValueError, "keys"),
+        (lambda m: m.add(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 4, 8)), ValueError, "values"),
+        (lambda m: m.add(torch.randn(2, 2, 3, 16).double(), torch.randn(2, 2, 3, 8)), TypeError, "keys"),
+        (lambda m: m.add(torch.full((2, 2, 3, 16), float("nan")), torch.randn(2, 2, 3, 8)), ValueError, "keys"),
+        (lambda m: m.add(torch.randn(2, 2, 3, 16), torch.full((2, 2, 3, 8), float("inf"))), ValueError, "values"),
+        (lambda m: m.add(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 8), positions=torch.arange(4)), ValueError, "positions"),
+        (lambda m: m.add(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 8), positions=-torch.ones(3, dtype=torch.long)), ValueError, "positions"),
+        (lambda m: m.search(torch.randn(2, 3, 1, 16), 2), ValueError, "multiple"),
+        (lambda m: m.search(torch.randn(2, 2, 1, 16), 0), ValueError, "k"),
+        (lambda m: m.search(torch.randn(2, 2, 1, 16).half(), 2), TypeError, "queries"),
+        (lambda m: m.search(torch.full((2, 2, 1, 16), float("nan")), 2), ValueError, "queries"),
+        (lambda m: m.reset(torch.tensor([5])), ValueError, "rows"),
+        (lambda m: m.reset(torch.tensor([True])), ValueError, "rows"),
+        (lambda m: m.reset(torch.tensor([0.5])), TypeError, "rows"),
+    ],
+)
+@pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2]], ids=["exact", "faiss"])
+def test_bad_input_leaves_memory_unchanged(call, exc, match, opts):
+    mem = ml.KNNMemory(2, 2, 16, 8, capacity=20, **opts)
+    stream(mem, steps=3, T=9)
+    before = _state(mem)
+    q = torch.randn(2, 2, 3, 16)
+    res_before = mem.search(q, 5)
+    with pytest.raises(exc, match=match):
+        call(mem)
+    after = _state(mem)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert torch.equal(mem.search(q, 5).indices, res_before.indices)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(batch_size=0, heads=1, dim=4), ValueError, "batch_size"),
+        (dict(batch_size=1, heads=1, dim=300), ValueError, "dim"),
+        (dict(batch_size=1, heads=1, dim=4, capacity=0), ValueError, "capacity"),
+        (dict(batch_size=1, heads=1, dim=4, backend="annoy"), ValueError, "backend"),
+        (dict(batch_size=1, heads=1, dim=4, dtype=torch.float64), TypeError, "dtype"),
+        (dict(batch_size=1, heads=1, dim=4, backend="faiss", index_options={"nlists": 3}), ValueError, "index_options"),
+        (dict(batch_size=1, heads=1, dim=4, backend="faiss", index_options={"use_gpu": True}), ValueError, "GPU"),
+    ],
+)
+def test_bad_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ml.KNNMemory(**kwargs)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.parametrize("opts", [dict(backend="exact", search_backend="torch"), dict(backend="faiss", index="flat")],
+                         ids=["exact", "faiss-flat"])
+def test_soak_no_memory_growth(opts):
+    mem = ml.KNNMemory(2, 2, 32, capacity=256, **opts)
+    ptrs = [b.data_ptr() for b in mem.buffers()]
+    keys, values, q = torch.randn(2, 2, 7, 32), torch.randn(2, 2, 7, 32), torch.randn(2, 4, 2, 32)
+
+    def cycles(n):
+        for i in range(n):
+            mem.add(keys + i * 1e-3, values)
+            mem.search(q, 8)
+            if i % 500 == 499:
+                mem.reset(torch.tensor([i % 2]))
+
+    cycles(300)  # warm up allocators
+    start = _rss_bytes()
+    cycles(2000)
+    growth = _rss_bytes() - start
+    assert growth < 8 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 2000 add/search cycles"
+    assert ptrs == [b.data_ptr() for b in mem.buffers()], "buffers were reallocated"
