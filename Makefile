@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench setup clean
+.PHONY: demo test test-gpu bench native setup clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --op all
+
+# Optional native CPU kernels (kernels/, CMake): build/libmemlayers_kernels.so, used by backend="native".
+native:
+	cmake -S . -B build -DMEMLAYERS_BUILD_NATIVE=ON
+	cmake --build build
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,6 +42,11 @@ def providers(device: torch.device):
         out["torch matmul+topk"] = lambda q, keys, k: (lambda: torch.topk(q @ keys.transpose(-1, -2), k, dim=-1))
         compiled = torch.compile(lambda q, keys, k: torch.topk(q @ keys.transpose(-1, -2), k, dim=-1))
         out["torch.compile"] = lambda q, keys, k: (lambda: compiled(q, keys, k))
+    else:
+        from memlayers.ops.knn_search.native import library_path
+
+        if library_path() is not None:  # built with `make native`
+            out["memlayers native"] = lambda q, keys, k: (lambda: knn_search(q, keys, k, backend="native"))
     out["matmul only"] = lambda q, keys, k: (lambda: q @ keys.transpose(-1, -2))
     try:
         import faiss

@@ -7,6 +7,7 @@ import torch
 
 from ..utils import FLOAT_DTYPES, check_choice, check_positive_int, check_same_device, check_tensor, load_triton_module, resolve_backend
 from .naive import knn_search_naive
+from .native import knn_search_native_lib
 
 METRICS = ("ip", "cosine", "l2")
 
@@ -29,7 +30,9 @@ def knn_search(
         valid_lengths: optional ``[B]`` or ``[B, Hkv]`` integer tensor: only slots ``< valid_lengths``
             are searched (a memory that is not full yet).
         metric: ``"ip"`` (q.k), ``"cosine"`` or ``"l2"`` (scores are ``-||q-k||^2``); higher is better.
-        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"``, ``"triton"``, or ``"native"`` (the
+            optional CMake-built CPU library, fp32 only; it beats the torch path for a few queries
+            (decode) and loses to BLAS for many, so ``"auto"`` never picks it).
 
     Returns:
         ``(scores [B, Hq, T, k] fp32, indices [B, Hq, T, k] int64)``, best first; a missing result has
@@ -59,6 +62,8 @@ def knn_search(
             raise ValueError(f"valid_lengths must have shape ({B},) or ({B}, {Hkv}), got {tuple(valid_lengths.shape)}")
         check_same_device(queries=queries, valid_lengths=valid_lengths)
 
+    if backend == "native":
+        return knn_search_native_lib(queries, keys, k, valid_lengths, metric)
     if resolve_backend(backend, queries, keys) == "triton":
         return load_triton_module("knn_search").knn_search_triton(queries, keys, k, valid_lengths, metric)
     return knn_search_naive(queries, keys, k, valid_lengths, metric)
