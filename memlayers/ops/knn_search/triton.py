@@ -116,7 +116,8 @@ def knn_search_fwd_kernel(
     is_real = high != _I32_MIN
     bits = high ^ ((high >> 31) & 0x7FFFFFFF)
     scores = tl.where(is_real, bits.to(tl.float32, bitcast=True), float("-inf"))
-    slots_out = tl.where(is_real, (buf & 0xFFFFFFFF).to(tl.int64), -1)
+    # int64 -> int32 keeps the low word: the slot (< 2**31, so non-negative).
+    slots_out = tl.where(is_real, buf.to(tl.int32).to(tl.int64), -1)
     out_off = b * stride_ob + h * stride_oh + rows[:, None] * stride_or + pid_s * stride_os + cols_k[None, :]
     out_mask = row_ok[:, None] & (cols_k[None, :] < TOPK)
     tl.store(OUT_SCORES + out_off, scores, mask=out_mask)

@@ -1,0 +1,221 @@
+"""Titans memory on Triton: host functions -> autograd.Function -> public function.
+
+Kernels live in ``triton_linear.py`` (memory matrix per head) and ``triton_mlp.py`` (residual MLP
+``x + silu(x W1) W2`` per head); the gate and bias helpers they share in ``triton_common.py``.
+Imported lazily by ``memlayers.ops.titans`` (triton reads TRITON_INTERPRET at decoration time).
+
+Memory use: the forward keeps the memory state every ``R = ceil(sqrt(#chunks))`` chunks, and the
+backward one segment of ``R`` states at a time per (batch, head), so per-chunk copies of the
+weights are never held for the whole sequence (O(sqrt(T / chunk)) states instead of O(T / chunk)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+
+from .triton_common import BIAS_IDS
+from .triton_linear import titans_linear_bwd_kernel, titans_linear_fwd_kernel
+from .triton_mlp import titans_mlp_bwd_kernel, titans_mlp_fwd_kernel
+
+
+def _block(d: int) -> int:
+    # tl.dot needs every tile dimension >= 16.
+    return max(16, triton.next_power_of_2(d))
+
+
+def checkpoint_every(n_chunks: int) -> int:
+    """Chunks between stored states: sqrt balances stored checkpoints against the backward's scratch."""
+    return max(1, math.ceil(math.sqrt(max(n_chunks, 1))))
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+
+
+def _warps(*blocks: int) -> int:
+    return 8 if max(blocks) >= 128 else 4
+
+
+def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.float().contiguous()
+
+
+class _Geometry:
+    """Sizes of one call shared by forward and backward."""
+
+    def __init__(self, q, v, weights, chunk_size):
+        self.B, self.H, self.T, self.DK = q.shape
+        self.DV = v.shape[-1]
+        self.BH = self.B * self.H
+        self.DH = weights[0].shape[-1] if len(weights) == 2 else self.DV
+        self.C = chunk_size
+        self.NC = triton.cdiv(self.T, chunk_size)
+        self.R = checkpoint_every(self.NC)
+        self.NSEG = max(1, triton.cdiv(self.NC, self.R))
+        self.BK, self.BV, self.BHID = _block(self.DK), _block(self.DV), _block(self.DH)
+
+
+def _state_shapes(g: _Geometry, depth: int):
+    if depth == 1:
+        return [(g.DK, g.DV)]
+    return [(g.DK, g.DH), (g.DH, g.DV)]
+
+
+def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size, bias, p, delta, eps, prec):
+    """Launch the forward kernel. Returns ``(y, final weights, final momentum, checkpoints, geometry)``."""
+    g = _Geometry(q, v, weights, chunk_size)
+    depth = len(weights)
+    shapes = _state_shapes(g, depth)
+    dev = q.device
+    y = torch.empty(g.B, g.H, g.T, g.DV, dtype=q.dtype, device=dev)
+    w0 = [_f32(w) for w in weights]
+    s0 = [_f32(s) for s in momentum] if momentum is not None else w0
+    wt = [torch.empty(g.B, g.H, a, b, dtype=torch.float32, device=dev) for a, b in shapes]
+    st = [torch.empty_like(w) for w in wt] if momentum is not None else wt
+    ckw = [torch.empty(g.BH * g.NSEG, a, b, dtype=torch.float32, device=dev) for a, b in shapes]
+    cks = [torch.empty_like(w) for w in ckw] if momentum is not None else ckw
+    gates = (theta.contiguous(), (alpha if alpha is not None else theta).contiguous(),
+             (eta if eta is not None else theta).contiguous())
+    flags = dict(
+        MOMENTUM=momentum is not None, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], PREC=prec,
+        num_warps=_warps(g.BK, g.BV, g.BHID),
+    )
+    qkv = (q.contiguous(), k.contiguous(), v.contiguous())
+    if depth == 1:
+        titans_linear_fwd_kernel[(g.BH,)](
+            *qkv, *gates, w0[0], s0[0], y, wt[0], st[0], ckw[0], cks[0],
+            g.T, g.NC, g.R, p, delta, eps,
+            DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV, BC=g.C, **flags,
+        )
+    else:
+        titans_mlp_fwd_kernel[(g.BH,)](
+            *qkv, *gates, *w0, *s0, y, *wt, *st, *ckw, *cks,
+            g.T, g.NC, g.R, p, delta, eps,
+            D=g.DK, DH=g.DH, BD=g.BK, BHD=g.BHID, BC=g.C, **flags,
+        )
+    return y, tuple(wt), (tuple(st) if momentum is not None else None), (ckw, cks), g
+
+
+def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_momentum, bias, p, delta, eps, prec):
+    """Launch the backward kernel. Returns ``(dq, dk, dv, dtheta, dalpha, deta, dweights, dmomentum)``."""
+    depth = len(dwt)
+    shapes = _state_shapes(g, depth)
+    dev = q.device
+    ckw, cks = ckpt
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # Kernels index rows contiguously: gradients must not inherit a transposed layout from q, k, v.
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=dev) for t in (q, k, v))
+    dth = torch.empty(g.B, g.H, g.T, dtype=torch.float32, device=dev)
+    dal = torch.empty_like(dth) if alpha is not None else dth
+    det = torch.empty_like(dth) if has_momentum else dth
+    dw0 = [torch.empty(g.B, g.H, a, b, dtype=torch.float32, device=dev) for a, b in shapes]
+    ds0 = [torch.empty_like(w) for w in dw0] if has_momentum else dw0
+    scratch_shapes = [(_block(a), _block(b)) for a, b in shapes]
+    scw = [torch.empty(g.BH * g.R, a, b, dtype=torch.float32, device=dev) for a, b in scratch_shapes]
+    scs = [torch.empty_like(w) for w in scw]
+    gates = (theta.contiguous(), (alpha if alpha is not None else theta).contiguous(),
+             (eta if eta is not None else theta).contiguous())
+    flags = dict(
+        MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], PREC=prec,
+        num_warps=_warps(g.BK, g.BV, g.BHID),
+    )
+    qkv = (q, k, v)
+    grads = (dq, dk, dv, dth, dal, det)
+    if depth == 1:
+        titans_linear_bwd_kernel[(g.BH,)](
+            *qkv, *gates, ckw[0], cks[0], scw[0], scs[0], dy.contiguous(), dwt[0], dst[0],
+            *grads, dw0[0], ds0[0],
+            g.T, g.NC, g.R, p, delta, eps,
+            DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV, BC=g.C, **flags,
+        )
+    else:
+        titans_mlp_bwd_kernel[(g.BH,)](
+            *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dwt, *dst,
+            *grads, *dw0, *ds0,
+            g.T, g.NC, g.R, p, delta, eps,
+            D=g.DK, DH=g.DH, BD=g.BK, BHD=g.BHID, BC=g.C, **flags,
+        )
+    return (dq, dk, dv, dth, dal if alpha is not None else None, det if has_momentum else None,
+            tuple(dw0), tuple(ds0) if has_momentum else None)
+
+
+class TitansMemoryFunction(torch.autograd.Function):
+    """Autograd wrapper; tensors are passed flat: q, k, v, theta, alpha, eta, *weights, *momentum."""
+
+    @staticmethod
+    def forward(ctx, depth, has_momentum, chunk_size, bias, p, delta, eps, prec, q, k, v, theta, alpha, eta, *state):
+        weights = state[:depth]
+        momentum = state[depth:] if has_momentum else None
+        y, wt, st, ckpt, g = titans_memory_fwd(
+            q, k, v, theta, alpha, eta, weights, momentum, chunk_size, bias, p, delta, eps, prec
+        )
+        ctx.save_for_backward(q, k, v, theta, alpha, eta, *ckpt[0], *ckpt[1])
+        ctx.cfg = (depth, has_momentum, bias, p, delta, eps, prec, g)
+        ctx.dtypes = [s.dtype for s in state]
+        return (y, *wt, *(st or ()))
+
+    @staticmethod
+    def backward(ctx, dy, *dstate):
+        depth, has_momentum, bias, p, delta, eps, prec, g = ctx.cfg
+        q, k, v, theta, alpha, eta, *ck = ctx.saved_tensors
+        ckpt = (ck[:depth], ck[depth:])
+        shapes = _state_shapes(g, depth)
+
+        def grad_or_zero(t, shape):
+            if t is None:
+                return torch.zeros(g.B, g.H, *shape, dtype=torch.float32, device=q.device)
+            return t.float().contiguous()
+
+        dwt = [grad_or_zero(dstate[i], shapes[i]) for i in range(depth)]
+        dst = [grad_or_zero(dstate[depth + i], shapes[i]) for i in range(depth)] if has_momentum else dwt
+        if dy is None:
+            dy = torch.zeros(g.B, g.H, g.T, g.DV, dtype=q.dtype, device=q.device)
+        dq, dk, dv, dth, dal, det, dw0, ds0 = titans_memory_bwd(
+            q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_momentum, bias, p, delta, eps, prec
+        )
+        dstate0 = [d.to(t) for d, t in zip(dw0 + (ds0 or ()), ctx.dtypes)]
+        return (
+            None, None, None, None, None, None, None, None,
+            dq, dk, dv, dth.to(theta.dtype),
+            dal.to(alpha.dtype) if dal is not None else None,
+            det.to(eta.dtype) if det is not None else None,
+            *dstate0,
+        )
+
+
+def titans_memory_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    eta: Optional[torch.Tensor],
+    momentum: Optional[Sequence[torch.Tensor]],
+    chunk_size: int,
+    bias: str,
+    p: float,
+    delta: float,
+    eps: float,
+    allow_tf32: bool,
+):
+    """Triton path of ``memlayers.ops.titans.titans_memory`` (arguments validated there).
+
+    Shapes: ``q, k [B, H, T, Dk]``, ``v [B, H, T, Dv]``, ``theta, alpha, eta [B, H, T]``, ``weights``
+    ``(W [B, H, Dk, Dv],)`` or ``(W1 [B, H, D, Dh], W2 [B, H, Dh, D])``, ``momentum`` like weights
+    or None. Returns ``(y [B, H, T, Dv], final weights, final momentum or None)``.
+
+    Example:
+        >>> y, w, s = titans_memory_triton(q, k, v, theta, (W0,), alpha, eta, (S0,), 64, "l2", 3.0, 1.0, 1e-6, False)
+    """
+    depth = len(weights)
+    has_momentum = momentum is not None
+    out = TitansMemoryFunction.apply(
+        depth, has_momentum, chunk_size, bias, p, delta, eps, _precision(q.dtype, allow_tf32),
+        q, k, v, theta, alpha, eta, *weights, *(momentum or ()),
+    )
+    y, rest = out[0], out[1:]
+    return y, tuple(rest[:depth]), (tuple(rest[depth:]) if has_momentum else None)

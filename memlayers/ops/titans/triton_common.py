@@ -1,0 +1,132 @@
+"""Triton pieces shared by the linear and the MLP Titans kernels: gates of a chunk, attentional biases.
+
+Imported only through ``memlayers.ops.titans.triton`` (lazily), never at ``import memlayers``.
+All math is fp32; gate matmuls always use ieee precision (they set every decay coefficient).
+"""
+import triton
+import triton.language as tl
+
+# Bias ids (constexpr in the kernels), in the order of naive.BIASES.
+BIAS_IDS = {"l2": 0, "lp": 1, "huber": 2}
+
+
+@triton.jit
+def bias_grad(r, BIAS: tl.constexpr, p, delta, eps):
+    """d loss / d r, elementwise (see naive.bias_grad)."""
+    if BIAS == 0:
+        g = 2.0 * r
+    elif BIAS == 1:
+        g = p * r * tl.exp((0.5 * p - 1.0) * tl.log(r * r + eps))
+    else:
+        g = 2.0 * tl.minimum(tl.maximum(r, -delta), delta)
+    return g
+
+
+@triton.jit
+def bias_hess(r, BIAS: tl.constexpr, p, delta, eps):
+    """d bias_grad / d r, elementwise: the backward differentiates through the inner gradient."""
+    if BIAS == 0:
+        h = tl.zeros_like(r) + 2.0
+    elif BIAS == 1:
+        u = r * r + eps
+        h = p * tl.exp((0.5 * p - 2.0) * tl.log(u)) * ((p - 1.0) * r * r + eps)
+    else:
+        h = tl.where(tl.abs(r) <= delta, 2.0, 0.0)
+    return h
+
+
+@triton.jit
+def rev_cumsum(x):
+    """sum_{k >= i} x_k along axis 0 (written with the forward cumsum, available everywhere)."""
+    return tl.sum(x, 0) - tl.cumsum(x, 0) + x
+
+
+@triton.jit
+def chunk_gates(TH, AL, ET, gbase, t0, T, BC: tl.constexpr, MOMENTUM: tl.constexpr, FORGET: tl.constexpr):
+    """Decay/momentum coefficients of the chunk starting at token ``t0`` (see naive.py).
+
+    Returns ``th [C]``, ``la [C]`` and ``lb [C]`` (log cumulative gates), ``LA, LB [C, C]``,
+    ``c [C, C]``, ``d [C]``, ``A [C]``, ``Bv [C]``, ``is_last [C]`` (the chunk's last valid token).
+    Padded tokens past ``T`` get theta 0 and gates 1, so they change nothing.
+    """
+    rc = tl.arange(0, BC)
+    tm = (t0 + rc) < T
+    th = tl.load(TH + gbase + t0 + rc, mask=tm, other=0.0).to(tl.float32)
+    causal = rc[:, None] >= rc[None, :]
+    if FORGET:
+        keep = 1.0 - tl.load(AL + gbase + t0 + rc, mask=tm, other=0.0).to(tl.float32)
+        la = tl.cumsum(tl.log(tl.maximum(keep, 1e-30)), 0)
+    else:
+        la = tl.zeros([BC], dtype=tl.float32)
+    LA = tl.exp(tl.where(causal, la[:, None] - la[None, :], float("-inf")))
+    A = tl.exp(la)
+    is_last = rc == (tl.minimum(T - t0, BC) - 1)
+    if MOMENTUM:
+        et = tl.load(ET + gbase + t0 + rc, mask=tm, other=1.0).to(tl.float32)
+        lb = tl.cumsum(tl.log(tl.maximum(et, 1e-30)), 0)
+        LB = tl.exp(tl.where(causal, lb[:, None] - lb[None, :], float("-inf")))
+        c = tl.dot(LA, LB, input_precision="ieee")
+        Bv = tl.exp(lb)
+        d = tl.sum(LA * Bv[None, :], 1)
+    else:
+        lb = tl.zeros([BC], dtype=tl.float32)
+        LB = LA
+        c = LA
+        Bv = tl.zeros([BC], dtype=tl.float32)
+        d = tl.zeros([BC], dtype=tl.float32)
+    return th, la, lb, LA, LB, c, d, A, Bv, is_last
+
+
+@triton.jit
+def pick(x, is_last):
+    """The entry of ``x [C]`` at the chunk's last valid token (a scalar)."""
+    return tl.sum(tl.where(is_last, x, 0.0), 0)
+
+
+@triton.jit
+def pick_row(m, is_last):
+    """Row of ``m [C, C]`` at the chunk's last valid token (a ``[C]`` vector over columns)."""
+    return tl.sum(tl.where(is_last[:, None], m, 0.0), 0)
+
+
+@triton.jit
+def gates_bwd(
+    dct, dw_end, ds_end, dA, dd, db_end,
+    th, la, lb, LA, LB, c, Bv, is_last,
+    AL, ET, DTH, DAL, DET, gbase, t0, T, BC: tl.constexpr, MOMENTUM: tl.constexpr, FORGET: tl.constexpr,
+):
+    """Back-propagate to theta, alpha, eta and store their gradients for this chunk.
+
+    Inputs are the gradients of the chunk's uses of the gates: ``dct [C, C]`` of ``c * theta``
+    (masked matmul weights), ``dw_end [C]`` of ``c[last] * theta`` (state update), ``ds_end [C]`` of
+    ``(B_last / B_j) * theta_j`` (momentum update), ``dA [C]``, ``dd [C]``, ``db_end`` of ``B_last``.
+    """
+    rc = tl.arange(0, BC)
+    tm = (t0 + rc) < T
+    c_last = pick_row(c, is_last)
+    dth = tl.sum(dct * c, 0) + c_last * dw_end
+    dc = dct * th[None, :] + tl.where(is_last[:, None], (th * dw_end)[None, :], 0.0)
+    dla = dA * tl.exp(la)
+    if MOMENTUM:
+        lb_last = pick(lb, is_last)
+        sdec = tl.exp(lb_last - lb)
+        dth += sdec * ds_end
+        x = ds_end * sdec * th
+        dlb = -x + tl.where(is_last, tl.sum(x, 0) + db_end * tl.exp(lb_last), 0.0)
+        dLA = tl.dot(dc, tl.trans(LB), input_precision="ieee") + dd[:, None] * Bv[None, :]
+        dLB = tl.dot(tl.trans(LA), dc, input_precision="ieee")
+        dlb += tl.sum(LA * dd[:, None], 0) * Bv
+        xb = dLB * LB
+        dlb += tl.sum(xb, 1) - tl.sum(xb, 0)
+        et = tl.load(ET + gbase + t0 + rc, mask=tm, other=1.0).to(tl.float32)
+        det = tl.where(et > 1e-30, rev_cumsum(dlb) / tl.maximum(et, 1e-30), 0.0)
+        tl.store(DET + gbase + t0 + rc, det, mask=tm)
+    else:
+        dLA = dc
+    xa = dLA * LA
+    dla += tl.sum(xa, 1) - tl.sum(xa, 0)
+    if FORGET:
+        keep = 1.0 - tl.load(AL + gbase + t0 + rc, mask=tm, other=0.0).to(tl.float32)
+        dal = tl.where(keep > 1e-30, -rev_cumsum(dla) / tl.maximum(keep, 1e-30), 0.0)
+        tl.store(DAL + gbase + t0 + rc, dal, mask=tm)
+    tl.store(DTH + gbase + t0 + rc, dth, mask=tm)

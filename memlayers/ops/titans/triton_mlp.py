@@ -1,0 +1,270 @@
+"""Triton kernels of the deep Titans memory: the residual MLP ``M(x) = x + silu(x W1) W2`` per head.
+
+Same schedule as ``triton_linear.py`` (one program per (batch, head), states in fp32 registers,
+checkpoints every ``R`` chunks, segment-wise recomputation in the backward). A chunk, with the
+keys' activations at the chunk-start weights ``Z = K W1``, ``Hk = silu(Z)``:
+
+    E = g(K + Hk W2 - V)                         # layer-2 per-token gradients: Hk_j^T e_j
+    U = (E W2^T) * silu'(Z)                      # layer-1 per-token gradients: k_j^T u_j
+    Zq = A (Q W1) + d (Q S1) - ((Q K^T) * c * theta) U          # queries through token-level W1_i
+    Y  = Q + A (Hq W2) + d (Hq S2) - ((Hq Hk^T) * c * theta) E  # Hq = silu(Zq), token-level W2_i
+
+so retrieval with every token's own weights is exact without materializing them.
+"""
+import triton
+import triton.language as tl
+
+from .triton_common import bias_grad, bias_hess, chunk_gates, gates_bwd, pick, pick_row
+from .triton_linear import _load_mat, _load_rows, _store_mat, _store_rows
+
+
+@triton.jit
+def _silu_parts(z):
+    """silu(z) and its first derivative."""
+    s = tl.sigmoid(z)
+    return z * s, s * (1.0 + z * (1.0 - s)), s
+
+
+@triton.jit
+def _mlp_chunk_fwd(
+    Q, K, V, TH, AL, ET, Y, W1, W2, S1, S2, tbase, t0, T, p, delta, eps,
+    D: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr, WRITE_Y: tl.constexpr,
+):
+    th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
+    k = _load_rows(K, tbase, t0, T, D, BD, BC)
+    v = _load_rows(V, tbase, t0, T, D, BD, BC)
+    z = tl.dot(k, W1, input_precision=PREC)
+    hk, dsilu, _s = _silu_parts(z)
+    e = bias_grad(k + tl.dot(hk, W2, input_precision=PREC) - v, BIAS, p, delta, eps)
+    u = tl.dot(e, tl.trans(W2), input_precision=PREC) * dsilu
+    if WRITE_Y:
+        q = _load_rows(Q, tbase, t0, T, D, BD, BC)
+        ct = c * th[None, :]
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        zq = A[:, None] * tl.dot(q, W1, input_precision=PREC) - tl.dot(qk * ct, u, input_precision=PREC)
+        if MOMENTUM:
+            zq += d[:, None] * tl.dot(q, S1, input_precision=PREC)
+        hq = zq * tl.sigmoid(zq)
+        hh = tl.dot(hq, tl.trans(hk), input_precision=PREC)
+        y = q + A[:, None] * tl.dot(hq, W2, input_precision=PREC) - tl.dot(hh * ct, e, input_precision=PREC)
+        if MOMENTUM:
+            y += d[:, None] * tl.dot(hq, S2, input_precision=PREC)
+        _store_rows(Y, y, tbase, t0, T, D, BD, BC)
+    w_end = pick_row(c, is_last) * th
+    a_last = pick(A, is_last)
+    W1n = a_last * W1 - tl.dot(tl.trans(k), w_end[:, None] * u, input_precision=PREC)
+    W2n = a_last * W2 - tl.dot(tl.trans(hk), w_end[:, None] * e, input_precision=PREC)
+    if MOMENTUM:
+        d_last = pick(d, is_last)
+        W1n += d_last * S1
+        W2n += d_last * S2
+        lb_last = pick(lb, is_last)
+        s_end = tl.exp(lb_last - lb) * th
+        b_last = tl.exp(lb_last)
+        S1 = b_last * S1 - tl.dot(tl.trans(k), s_end[:, None] * u, input_precision=PREC)
+        S2 = b_last * S2 - tl.dot(tl.trans(hk), s_end[:, None] * e, input_precision=PREC)
+    return W1n, W2n, S1, S2
+
+
+@triton.jit
+def titans_mlp_fwd_kernel(
+    Q, K, V, TH, AL, ET, W10, W20, S10, S20, Y, W1T, W2T, S1T, S2T, CKW1, CKW2, CKS1, CKS2,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    nseg = tl.cdiv(NC, R)
+    W1 = _load_mat(W10, bh, D, DH, BD, BHD)
+    W2 = _load_mat(W20, bh, DH, D, BHD, BD)
+    if MOMENTUM:
+        S1 = _load_mat(S10, bh, D, DH, BD, BHD)
+        S2 = _load_mat(S20, bh, DH, D, BHD, BD)
+    else:
+        S1 = tl.zeros([BD, BHD], dtype=tl.float32)
+        S2 = tl.zeros([BHD, BD], dtype=tl.float32)
+    for ci in range(0, NC):
+        if ci % R == 0:
+            _store_mat(CKW1, bh * nseg + ci // R, W1, D, DH, BD, BHD)
+            _store_mat(CKW2, bh * nseg + ci // R, W2, DH, D, BHD, BD)
+            if MOMENTUM:
+                _store_mat(CKS1, bh * nseg + ci // R, S1, D, DH, BD, BHD)
+                _store_mat(CKS2, bh * nseg + ci // R, S2, DH, D, BHD, BD)
+        W1, W2, S1, S2 = _mlp_chunk_fwd(
+            Q, K, V, TH, AL, ET, Y, W1, W2, S1, S2, bh * T, ci * BC, T, p, delta, eps,
+            D, BD, BHD, BC, MOMENTUM, FORGET, BIAS, PREC, True,
+        )
+    _store_mat(W1T, bh, W1, D, DH, BD, BHD)
+    _store_mat(W2T, bh, W2, DH, D, BHD, BD)
+    if MOMENTUM:
+        _store_mat(S1T, bh, S1, D, DH, BD, BHD)
+        _store_mat(S2T, bh, S2, DH, D, BHD, BD)
+
+
+@triton.jit
+def _mlp_chunk_bwd(
+    Q, K, V, TH, AL, ET, DY, DQ, DK_, DV_, DTH, DAL, DET,
+    W1, W2, S1, S2, dW1n, dW2n, dS1n, dS2n, tbase, t0, T, p, delta, eps,
+    D: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr,
+):
+    """Gradients of one chunk from its start state and its end state's gradients (see the linear one)."""
+    th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
+    q = _load_rows(Q, tbase, t0, T, D, BD, BC)
+    k = _load_rows(K, tbase, t0, T, D, BD, BC)
+    v = _load_rows(V, tbase, t0, T, D, BD, BC)
+    dy = _load_rows(DY, tbase, t0, T, D, BD, BC)
+    # Recompute the chunk's forward.
+    z = tl.dot(k, W1, input_precision=PREC)
+    hk, dsilu, sg = _silu_parts(z)
+    r = k + tl.dot(hk, W2, input_precision=PREC) - v
+    e = bias_grad(r, BIAS, p, delta, eps)
+    ew = tl.dot(e, tl.trans(W2), input_precision=PREC)
+    u = ew * dsilu
+    ct = c * th[None, :]
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    qw1 = tl.dot(q, W1, input_precision=PREC)
+    zq = A[:, None] * qw1 - tl.dot(qk * ct, u, input_precision=PREC)
+    if MOMENTUM:
+        qs1 = tl.dot(q, S1, input_precision=PREC)
+        zq += d[:, None] * qs1
+    hq, dsilu_q, _sq = _silu_parts(zq)
+    hh = tl.dot(hq, tl.trans(hk), input_precision=PREC)
+    w_end = pick_row(c, is_last) * th
+    a_last = pick(A, is_last)
+    # Y = Q + A (Hq W2) + d (Hq S2) - (hh * ct) E
+    dq = dy
+    p2 = tl.dot(dy, tl.trans(e), input_precision=PREC)
+    dct = -(hh * p2)
+    dhq = A[:, None] * tl.dot(dy, tl.trans(W2), input_precision=PREC) - tl.dot(p2 * ct, hk, input_precision=PREC)
+    if MOMENTUM:
+        dhq += d[:, None] * tl.dot(dy, tl.trans(S2), input_precision=PREC)
+    dhk = -tl.dot(tl.trans(p2 * ct), hq, input_precision=PREC)
+    de = -tl.dot(tl.trans(hh * ct), dy, input_precision=PREC)
+    dW2 = tl.dot(tl.trans(hq), A[:, None] * dy, input_precision=PREC) + a_last * dW2n
+    dA = tl.sum(tl.dot(hq, W2, input_precision=PREC) * dy, 1)
+    # Zq = A (Q W1) + d (Q S1) - (qk * ct) U
+    dzq = dhq * dsilu_q
+    dq += A[:, None] * tl.dot(dzq, tl.trans(W1), input_precision=PREC)
+    p1 = tl.dot(dzq, tl.trans(u), input_precision=PREC)
+    dct -= qk * p1
+    dq -= tl.dot(p1 * ct, k, input_precision=PREC)
+    dk = -tl.dot(tl.trans(p1 * ct), q, input_precision=PREC)
+    du = -tl.dot(tl.trans(qk * ct), dzq, input_precision=PREC)
+    dW1 = tl.dot(tl.trans(q), A[:, None] * dzq, input_precision=PREC) + a_last * dW1n
+    dA += tl.sum(qw1 * dzq, 1)
+    # End states: W1' = a W1 + d S1 - K^T (w_end U), W2' = a W2 + d S2 - Hk^T (w_end E).
+    kdw1 = tl.dot(k, dW1n, input_precision=PREC)
+    hdw2 = tl.dot(hk, dW2n, input_precision=PREC)
+    du -= w_end[:, None] * kdw1
+    dk -= w_end[:, None] * tl.dot(u, tl.trans(dW1n), input_precision=PREC)
+    de -= w_end[:, None] * hdw2
+    dhk -= w_end[:, None] * tl.dot(e, tl.trans(dW2n), input_precision=PREC)
+    dw_end = -(tl.sum(kdw1 * u, 1) + tl.sum(hdw2 * e, 1))
+    dA += tl.where(is_last, tl.sum(tl.sum(W1 * dW1n, 1), 0) + tl.sum(tl.sum(W2 * dW2n, 1), 0), 0.0)
+    if MOMENTUM:
+        dq += d[:, None] * tl.dot(dzq, tl.trans(S1), input_precision=PREC)
+        dd = tl.sum(tl.dot(hq, S2, input_precision=PREC) * dy, 1) + tl.sum(qs1 * dzq, 1)
+        d_last = pick(d, is_last)
+        lb_last = pick(lb, is_last)
+        b_last = tl.exp(lb_last)
+        s_end = tl.exp(lb_last - lb) * th
+        kds1 = tl.dot(k, dS1n, input_precision=PREC)
+        hds2 = tl.dot(hk, dS2n, input_precision=PREC)
+        du -= s_end[:, None] * kds1
+        dk -= s_end[:, None] * tl.dot(u, tl.trans(dS1n), input_precision=PREC)
+        de -= s_end[:, None] * hds2
+        dhk -= s_end[:, None] * tl.dot(e, tl.trans(dS2n), input_precision=PREC)
+        ds_end = -(tl.sum(kds1 * u, 1) + tl.sum(hds2 * e, 1))
+        dd += tl.where(is_last, tl.sum(tl.sum(S1 * dW1n, 1), 0) + tl.sum(tl.sum(S2 * dW2n, 1), 0), 0.0)
+        db_end = tl.sum(tl.sum(S1 * dS1n, 1), 0) + tl.sum(tl.sum(S2 * dS2n, 1), 0)
+        dS1 = tl.dot(tl.trans(q), d[:, None] * dzq, input_precision=PREC) + d_last * dW1n + b_last * dS1n
+        dS2 = tl.dot(tl.trans(hq), d[:, None] * dy, input_precision=PREC) + d_last * dW2n + b_last * dS2n
+    else:
+        dd = tl.zeros([BC], dtype=tl.float32)
+        ds_end = tl.zeros([BC], dtype=tl.float32)
+        db_end = 0.0
+        dS1 = dS1n
+        dS2 = dS2n
+    # U = (E W2^T) * silu'(Z)
+    dew = du * dsilu
+    de += tl.dot(dew, W2, input_precision=PREC)
+    dW2 += tl.dot(tl.trans(dew), e, input_precision=PREC)
+    dz = du * ew * (sg * (1.0 - sg) * (2.0 + z * (1.0 - 2.0 * sg)))
+    # E = g(K + Hk W2 - V)
+    dr = de * bias_hess(r, BIAS, p, delta, eps)
+    dk += dr
+    dhk += tl.dot(dr, tl.trans(W2), input_precision=PREC)
+    dW2 += tl.dot(tl.trans(hk), dr, input_precision=PREC)
+    # Hk = silu(K W1)
+    dz += dhk * dsilu
+    dk += tl.dot(dz, tl.trans(W1), input_precision=PREC)
+    dW1 += tl.dot(tl.trans(k), dz, input_precision=PREC)
+    _store_rows(DQ, dq, tbase, t0, T, D, BD, BC)
+    _store_rows(DK_, dk, tbase, t0, T, D, BD, BC)
+    _store_rows(DV_, -dr, tbase, t0, T, D, BD, BC)
+    gates_bwd(
+        dct, dw_end, ds_end, dA, dd, db_end, th, la, lb, LA, LB, c, Bv, is_last,
+        AL, ET, DTH, DAL, DET, tbase, t0, T, BC, MOMENTUM, FORGET,
+    )
+    return dW1, dW2, dS1, dS2
+
+
+@triton.jit
+def titans_mlp_bwd_kernel(
+    Q, K, V, TH, AL, ET, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, DY, DW1T, DW2T, DS1T, DS2T,
+    DQ, DK_, DV_, DTH, DAL, DET, DW10, DW20, DS10, DS20,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    nseg = tl.cdiv(NC, R)
+    dW1 = _load_mat(DW1T, bh, D, DH, BD, BHD)
+    dW2 = _load_mat(DW2T, bh, DH, D, BHD, BD)
+    if MOMENTUM:
+        dS1 = _load_mat(DS1T, bh, D, DH, BD, BHD)
+        dS2 = _load_mat(DS2T, bh, DH, D, BHD, BD)
+    else:
+        dS1 = tl.zeros([BD, BHD], dtype=tl.float32)
+        dS2 = tl.zeros([BHD, BD], dtype=tl.float32)
+    for si in range(0, nseg):
+        seg = nseg - 1 - si
+        n_in = tl.minimum(R, NC - seg * R)
+        W1 = _load_mat(CKW1, bh * nseg + seg, D, DH, BD, BHD)
+        W2 = _load_mat(CKW2, bh * nseg + seg, DH, D, BHD, BD)
+        if MOMENTUM:
+            S1 = _load_mat(CKS1, bh * nseg + seg, D, DH, BD, BHD)
+            S2 = _load_mat(CKS2, bh * nseg + seg, DH, D, BHD, BD)
+        else:
+            S1 = tl.zeros([BD, BHD], dtype=tl.float32)
+            S2 = tl.zeros([BHD, BD], dtype=tl.float32)
+        for r in range(0, n_in):
+            _store_mat(SCW1, bh * R + r, W1, BD, BHD, BD, BHD)
+            _store_mat(SCW2, bh * R + r, W2, BHD, BD, BHD, BD)
+            _store_mat(SCS1, bh * R + r, S1, BD, BHD, BD, BHD)
+            _store_mat(SCS2, bh * R + r, S2, BHD, BD, BHD, BD)
+            if r < n_in - 1:
+                W1, W2, S1, S2 = _mlp_chunk_fwd(
+                    Q, K, V, TH, AL, ET, Q, W1, W2, S1, S2, bh * T, (seg * R + r) * BC, T, p, delta, eps,
+                    D, BD, BHD, BC, MOMENTUM, FORGET, BIAS, PREC, False,
+                )
+        tl.debug_barrier()
+        for rr in range(0, n_in):
+            r = n_in - 1 - rr
+            W1 = _load_mat(SCW1, bh * R + r, BD, BHD, BD, BHD)
+            W2 = _load_mat(SCW2, bh * R + r, BHD, BD, BHD, BD)
+            S1 = _load_mat(SCS1, bh * R + r, BD, BHD, BD, BHD)
+            S2 = _load_mat(SCS2, bh * R + r, BHD, BD, BHD, BD)
+            dW1, dW2, dS1, dS2 = _mlp_chunk_bwd(
+                Q, K, V, TH, AL, ET, DY, DQ, DK_, DV_, DTH, DAL, DET,
+                W1, W2, S1, S2, dW1, dW2, dS1, dS2, bh * T, (seg * R + r) * BC, T, p, delta, eps,
+                D, BD, BHD, BC, MOMENTUM, FORGET, BIAS, PREC,
+            )
+        tl.debug_barrier()
+    _store_mat(DW10, bh, dW1, D, DH, BD, BHD)
+    _store_mat(DW20, bh, dW2, DH, D, BHD, BD)
+    if MOMENTUM:
+        _store_mat(DS10, bh, dS1, D, DH, BD, BHD)
+        _store_mat(DS20, bh, dS2, DH, D, BHD, BD)

@@ -1,0 +1,109 @@
+"""Triton Titans kernels vs the naive chunked form: output, final states and every gradient."""
+import pytest
+import torch
+
+from memlayers.ops.titans import titans_chunked_naive, titans_memory
+from memlayers.ops.utils.testing import assert_rel_close, poison_, rel_err
+
+from test_titans_naive import leaves, loss_of, make_inputs
+
+
+def to(inp, device):
+    out = {}
+    for n, t in inp.items():
+        if isinstance(t, tuple):
+            out[n] = tuple(x.detach().to(device).requires_grad_(True) for x in t)
+        elif t is None:
+            out[n] = None
+        else:
+            out[n] = t.detach().to(device).requires_grad_(True)
+    return out
+
+
+def call(inp, backend, **kw):
+    return titans_memory(
+        inp["q"], inp["k"], inp["v"], inp["theta"], inp["weights"], alpha=inp["alpha"], eta=inp["eta"],
+        momentum=inp["momentum"], backend=backend, **kw,
+    )
+
+
+def compare(inp, device, tol, grad_tol=None, **kw):
+    ref_in, ker_in = to(inp, "cpu"), to(inp, device)
+    ref = call(ref_in, "torch", **kw)
+    out = call(ker_in, "triton", **kw)
+    assert out[0].dtype == inp["q"].dtype
+    assert_rel_close(out[0].float().cpu(), ref[0].float(), tol, "y")
+    for i, (a, b) in enumerate(zip(out[1] + (out[2] or ()), ref[1] + (ref[2] or ()))):
+        assert_rel_close(a.cpu(), b, tol, f"final state {i}")
+    g_ref = torch.autograd.grad(loss_of((ref[0].float(),) + ref[1:]), [t for _, t in leaves(ref_in)])
+    g_out = torch.autograd.grad(loss_of((out[0].float().cpu(),) + tuple(
+        tuple(x.cpu() for x in s) if s is not None else None for s in out[1:])), [t for _, t in leaves(ker_in)])
+    for (n, _), a, b in zip(leaves(inp), g_out, g_ref):
+        assert_rel_close(a.float().cpu(), b.float(), grad_tol or tol, f"grad {n}")
+
+
+CASES = [
+    # (T, chunk, momentum, forget, bias)
+    (50, 16, True, True, "l2"),      # odd length: 3 full chunks and a partial one; 4 chunks -> R=2 segments
+    (16, 16, False, True, "huber"),
+    (21, 16, True, False, "lp"),
+    (1, 16, True, True, "l2"),
+]
+
+
+@pytest.mark.parametrize("T,chunk,momentum,forget,bias", CASES)
+def test_linear_kernel_matches_naive(device, T, chunk, momentum, forget, bias):
+    inp = make_inputs(1, 2, T, 16, 20, 1, momentum=momentum, forget=forget)
+    compare(inp, device, 1e-5, chunk_size=chunk, bias=bias, delta=0.3, p=2.5)
+
+
+@pytest.mark.parametrize("T,chunk,DK,DV", [(70, 16, 16, 16), (33, 32, 80, 48)])
+def test_linear_kernel_segments_and_head_dims(device, T, chunk, DK, DV):
+    # 70 tokens / 16 = 5 chunks -> checkpoints every 3: segments of 3 and 2 chunks in the backward.
+    # Head dims that are not powers of two exercise the padded (masked) tiles.
+    inp = make_inputs(1, 1, T, DK, DV, 1)
+    compare(inp, device, 1e-5, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("T,chunk,momentum,forget,bias", CASES[:3])
+def test_mlp_kernel_matches_naive(device, T, chunk, momentum, forget, bias):
+    inp = make_inputs(1, 2, T, 16, 16, 2, hidden=24, momentum=momentum, forget=forget)
+    compare(inp, device, 1e-5, chunk_size=chunk, bias=bias, delta=0.3, p=2.5)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_kernel_bf16_inputs(device, depth):
+    inp = make_inputs(1, 1, 40, 16, 16, depth, hidden=16, dtype=torch.bfloat16)
+    compare(inp, device, 1e-2, chunk_size=16)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_kernel_writes_every_output_element(device, monkeypatch, depth):
+    # Every buffer the host allocates starts as NaN: outputs and gradients must all be overwritten.
+    import memlayers.ops.titans.triton as host
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*a, **kw):
+        return poison_(real_empty(*a, **kw))
+
+    monkeypatch.setattr(host.torch, "empty", poisoned_empty)
+    inp = to(make_inputs(1, 2, 37, 16, 16, depth, hidden=16), device)
+    y, w, s = call(inp, "triton", chunk_size=16)
+    grads = torch.autograd.grad(loss_of((y, w, s)), [t for _, t in leaves(inp)])
+    for t in (y, *w, *s, *grads):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("depth", [1, 2])
+def test_kernel_16k_tokens_matches_naive_and_stays_finite(depth):
+    B, H, T, D = 1, 4, 16384, 64
+    inp = make_inputs(B, H, T, D, D, depth, hidden=2 * D)
+    inp["theta"] = torch.full((B, H, T), 0.005)
+    inp["alpha"] = torch.full((B, H, T), 0.002)
+    inp["eta"] = torch.full((B, H, T), 0.9)
+    ref = call(to(inp, "cpu"), "torch", chunk_size=64)
+    out = call(to(inp, "cuda"), "triton", chunk_size=64)
+    assert torch.isfinite(out[0]).all()
+    assert rel_err(out[0].cpu(), ref[0]) < 1e-4
