@@ -4,13 +4,14 @@ Importing this package imports torch only: never faiss, transformers or triton, 
 initializes CUDA (those load on first use).
 """
 from ._version import __version__
-from .layers import NeuralMemory, NeuralMemoryState, TitansMAC, TitansMAG, TitansMAL
+from .layers import KNNMemoryAttention, NeuralMemory, NeuralMemoryState, TitansMAC, TitansMAG, TitansMAL
 from .memory import KNNMemory, KNNSearchResult
-from .ops import knn_search, titans_memory
+from .ops import knn_search, memory_attention, merge_attention, titans_memory
 
 __all__ = [
     "__version__",
     "KNNMemory",
+    "KNNMemoryAttention",
     "KNNSearchResult",
     "NeuralMemory",
     "NeuralMemoryState",
@@ -18,5 +19,7 @@ __all__ = [
     "TitansMAG",
     "TitansMAL",
     "knn_search",
+    "memory_attention",
+    "merge_attention",
     "titans_memory",
 ]

@@ -1,0 +1,360 @@
+"""Triton retrieval attention: each query attends over its own k memory slots, gathered by index.
+
+Read top to bottom: kernels, host forward/backward, autograd Function, public function.
+
+One program owns (batch row b, query head h, BLOCK_T queries). It walks the k retrieved slots in
+BLOCK_K chunks; for each chunk it loads the slot ids, gathers the ``[BLOCK_T, BLOCK_K, D]`` key rows
+straight from the memory buffer of kv-head ``h // G`` (rotating them at their stored positions when
+rotary tables are given), scores them against the queries and folds them into an online softmax
+(exp2 domain) together with the gathered value rows. No ``[B, H, T, k, D]`` tensor ever exists: the
+gathered rows live in registers only. Scores are reductions of elementwise products, not ``tl.dot``:
+every query has different keys, so there is no shared tile to multiply, and the work is bound by the
+bytes of the gathered rows anyway.
+
+Backward recomputes the probabilities from the saved log-sum-exp, ``p = exp(s - lse)``, and with
+``delta = rowsum(dO * O) - dlse`` (the lse gradient folds into the softmax's row term):
+``ds = p * (dO . v - delta)``, ``dq = scale * sum_j ds_j k_j``. Memory gradients, when asked for, are
+scattered by fp32 atomics into ``[B, Hkv, C, *]`` buffers: ``dv_j += p_j dO`` and
+``dk_j += scale * ds_j q`` (un-rotated: ``g * cos + R^T(g * sin)``, where ``R^T`` sends element d to
+its rotate_half partner with the sign rotate_half gives it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import interpreter_enabled
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def memory_attention_fwd_kernel(
+    Q, K, V, IDX, POS, COS, SIN, OUT, LSE,
+    Hq, G, T, KNUM, D, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kc,
+    stride_vb, stride_vh, stride_vc,
+    stride_ib, stride_ih, stride_it,
+    stride_pb, stride_cp,
+    stride_ob, stride_oh, stride_ot,
+    scale_log2,
+    ROTARY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // G
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dvmask = offs_dv < DV
+    # rotate_half(k)[d] = sign[d] * k[partner[d]]: -k[d + D/2] for d < D/2, k[d - D/2] above.
+    half = D // 2
+    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qt + offs_d[None, :],
+                mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    Kb = K + b * stride_kb + hk * stride_kh
+    Vb = V + b * stride_vb + hk * stride_vh
+    POSb = POS + b * stride_pb
+    IDXb = IDX + b * stride_ib + h * stride_ih + offs_t[:, None] * stride_it
+
+    m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_DV], dtype=tl.float32)
+    for k0 in range(0, KNUM, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(IDXb + offs_k[None, :], mask=tmask[:, None] & (offs_k < KNUM)[None, :], other=-1).to(tl.int64)
+        valid = idx >= 0
+        safe = tl.where(valid, idx, 0)
+        # Gather the key rows, rotated at their stored positions when ROTARY (inlined, not a jit helper:
+        # the interpreter re-patches triton.language on every device-function call, which dominates).
+        kmask = valid[:, :, None] & dmask[None, None, :]
+        rows = Kb + safe[:, :, None] * stride_kc
+        k = tl.load(rows + offs_d[None, None, :], mask=kmask, other=0.0).to(tl.float32)
+        if ROTARY:
+            pos = tl.load(POSb + safe, mask=valid, other=0).to(tl.int64)
+            trow = pos[:, :, None] * stride_cp + offs_d[None, None, :]
+            c = tl.load(COS + trow, mask=kmask, other=0.0).to(tl.float32)
+            s = tl.load(SIN + trow, mask=kmask, other=0.0).to(tl.float32)
+            kp = tl.load(rows + partner[None, None, :], mask=kmask, other=0.0).to(tl.float32)
+            k = k * c + sign[None, None, :] * kp * s
+        scores = tl.sum(q[:, None, :] * k, axis=2) * scale_log2
+        scores = tl.where(valid, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # Rows that have seen no valid slot yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(scores - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(Vb + safe[:, :, None] * stride_vc + offs_dv[None, None, :],
+                    mask=valid[:, :, None] & dvmask[None, None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_dv[None, :],
+             out.to(OUT.dtype.element_ty), mask=tmask[:, None] & dvmask[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_t, lse, mask=tmask)
+
+
+@triton.jit
+def memory_attention_bwd_kernel(
+    Q, K, V, IDX, POS, COS, SIN, DO, LSE, DELTA, DQ, DK, DV_,
+    Hq, G, T, KNUM, D, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kc,
+    stride_vb, stride_vh, stride_vc,
+    stride_ib, stride_ih, stride_it,
+    stride_pb, stride_cp,
+    stride_dob, stride_doh, stride_dot,
+    stride_gkb, stride_gkh, stride_gkc,
+    stride_gvb, stride_gvh, stride_gvc,
+    stride_dqb, stride_dqh, stride_dqt,
+    scale, scale_log2,
+    ROTARY: tl.constexpr, MEM_GRAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // G
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dvmask = offs_dv < DV
+    half = D // 2
+    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+
+    qd_mask = tmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qt + offs_d[None, :],
+                mask=qd_mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_t[:, None] * stride_dot + offs_dv[None, :],
+                 mask=tmask[:, None] & dvmask[None, :], other=0.0).to(tl.float32)
+    row = pid_bh.to(tl.int64) * T + offs_t
+    lse = tl.load(LSE + row, mask=tmask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # empty rows: every p is masked
+    delta = tl.load(DELTA + row, mask=tmask, other=0.0)
+    Kb = K + b * stride_kb + hk * stride_kh
+    Vb = V + b * stride_vb + hk * stride_vh
+    POSb = POS + b * stride_pb
+    IDXb = IDX + b * stride_ib + h * stride_ih + offs_t[:, None] * stride_it
+    DKb = DK + b * stride_gkb + hk * stride_gkh
+    DVb = DV_ + b * stride_gvb + hk * stride_gvh
+
+    dq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, KNUM, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(IDXb + offs_k[None, :], mask=tmask[:, None] & (offs_k < KNUM)[None, :], other=-1).to(tl.int64)
+        valid = idx >= 0
+        safe = tl.where(valid, idx, 0)
+        # Gather the key rows, rotated at their stored positions when ROTARY (inlined, not a jit helper:
+        # the interpreter re-patches triton.language on every device-function call, which dominates).
+        kmask = valid[:, :, None] & dmask[None, None, :]
+        rows = Kb + safe[:, :, None] * stride_kc
+        k = tl.load(rows + offs_d[None, None, :], mask=kmask, other=0.0).to(tl.float32)
+        if ROTARY:
+            pos = tl.load(POSb + safe, mask=valid, other=0).to(tl.int64)
+            trow = pos[:, :, None] * stride_cp + offs_d[None, None, :]
+            c = tl.load(COS + trow, mask=kmask, other=0.0).to(tl.float32)
+            s = tl.load(SIN + trow, mask=kmask, other=0.0).to(tl.float32)
+            kp = tl.load(rows + partner[None, None, :], mask=kmask, other=0.0).to(tl.float32)
+            k = k * c + sign[None, None, :] * kp * s
+        scores = tl.sum(q[:, None, :] * k, axis=2) * scale_log2
+        p = tl.where(valid, tl.exp2(scores - lse2[:, None]), 0.0)
+        vmask = valid[:, :, None] & dvmask[None, None, :]
+        v = tl.load(Vb + safe[:, :, None] * stride_vc + offs_dv[None, None, :], mask=vmask, other=0.0).to(tl.float32)
+        dp = tl.sum(do[:, None, :] * v, axis=2)
+        ds = p * (dp - delta[:, None])
+        dq += tl.sum(ds[:, :, None] * k, axis=1)
+        if MEM_GRAD:
+            tl.atomic_add(DVb + safe[:, :, None] * stride_gvc + offs_dv[None, None, :],
+                          p[:, :, None] * do[:, None, :], mask=vmask)
+            gk = (ds * scale)[:, :, None] * q[:, None, :]
+            grow = DKb + safe[:, :, None] * stride_gkc
+            if ROTARY:
+                tl.atomic_add(grow + offs_d[None, None, :], gk * c, mask=kmask)
+                tl.atomic_add(grow + partner[None, None, :], sign[None, None, :] * gk * s, mask=kmask)
+            else:
+                tl.atomic_add(grow + offs_d[None, None, :], gk, mask=kmask)
+
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_t[:, None] * stride_dqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ----------------------------------------------------------------------------------------------- host
+
+def _num_warps(block_d: int, block_dv: int) -> int:
+    # Wide rows: more threads share the gathered tile, so that it stays in registers.
+    return 8 if max(block_d, block_dv) >= 128 else 4
+
+
+def _blocks(T: int, k: int, D: int, Dv: int) -> Tuple[int, int, int, int]:
+    block_d = triton.next_power_of_2(D)
+    block_dv = triton.next_power_of_2(Dv)
+    block_k = min(triton.next_power_of_2(k), 32)
+    # Keep the gathered [BLOCK_T, BLOCK_K, BLOCK_D] tile near 8K fp32 registers on a GPU; the interpreter
+    # is faster with fewer, larger programs.
+    budget = (1 << 17) if interpreter_enabled() else (1 << 13)
+    block_t = max(1, min(triton.next_power_of_2(T), budget // (block_k * max(block_d, block_dv))))
+    return block_t, block_k, block_d, block_dv
+
+
+def _rotary_args(q, mem_positions, cos, sin):
+    if cos is None:  # dummy pointers, never read (ROTARY is a constexpr)
+        return q, q, q, 0, 0
+    cos, sin = cos.contiguous(), sin.contiguous()
+    mem_positions = mem_positions.contiguous()
+    return mem_positions, cos, sin, mem_positions.stride(0), cos.stride(0)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def memory_attention_fwd(q, mem_keys, mem_values, indices, scale, mem_positions=None, cos=None, sin=None,
+                         out=None, lse=None):
+    """Launch the forward kernel: -> (out [B, Hq, T, Dv] q.dtype, lse [B, Hq, T] fp32).
+
+    ``out``/``lse`` may be given as contiguous buffers of those shapes (tests pass NaN-filled ones)."""
+    q, mem_keys, mem_values = (_last_dim_contiguous(x) for x in (q, mem_keys, mem_values))
+    indices = _last_dim_contiguous(indices)
+    B, Hq, T, D = q.shape
+    Hkv, Dv, k = mem_keys.shape[1], mem_values.shape[3], indices.shape[3]
+    if out is None:
+        out = torch.empty(B, Hq, T, Dv, device=q.device, dtype=q.dtype)
+    if lse is None:
+        lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    pos, cos_t, sin_t, stride_pb, stride_cp = _rotary_args(q, mem_positions, cos, sin)
+    block_t, block_k, block_d, block_dv = _blocks(T, k, D, Dv)
+    grid = (triton.cdiv(T, block_t), B * Hq)
+    memory_attention_fwd_kernel[grid](
+        q, mem_keys, mem_values, indices, pos, cos_t, sin_t, out, lse,
+        Hq, Hq // Hkv, T, k, D, Dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        mem_keys.stride(0), mem_keys.stride(1), mem_keys.stride(2),
+        mem_values.stride(0), mem_values.stride(1), mem_values.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        stride_pb, stride_cp,
+        out.stride(0), out.stride(1), out.stride(2),
+        scale * LOG2E,
+        ROTARY=cos is not None,
+        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=_num_warps(block_d, block_dv),
+    )
+    return out, lse
+
+
+def memory_attention_bwd(grad_out, grad_lse, q, mem_keys, mem_values, indices, out, lse, scale,
+                         mem_positions=None, cos=None, sin=None, mem_grad=False, dq=None):
+    """Launch the backward kernel: -> (dq like q, dk [B, Hkv, C, D] fp32 or None, dv [B, Hkv, C, Dv] fp32 or None).
+
+    ``dq`` may be given as a contiguous buffer shaped like q."""
+    q, mem_keys, mem_values = (_last_dim_contiguous(x) for x in (q, mem_keys, mem_values))
+    indices = _last_dim_contiguous(indices)
+    grad_out = _last_dim_contiguous(grad_out)
+    B, Hq, T, D = q.shape
+    Hkv, C, Dv, k = mem_keys.shape[1], mem_keys.shape[2], mem_values.shape[3], indices.shape[3]
+    # delta folds the lse gradient in: ds = p * (dO.v - rowsum(dO * O) + dlse).
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - torch.nan_to_num(grad_lse.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    delta = delta.contiguous()
+    if dq is None:
+        dq = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    if mem_grad:
+        dk = torch.zeros(B, Hkv, C, D, device=q.device, dtype=torch.float32)
+        dv = torch.zeros(B, Hkv, C, Dv, device=q.device, dtype=torch.float32)
+    else:
+        dk = dv = q  # dummy pointers, never written (MEM_GRAD is a constexpr)
+    pos, cos_t, sin_t, stride_pb, stride_cp = _rotary_args(q, mem_positions, cos, sin)
+    block_t, block_k, block_d, block_dv = _blocks(T, k, D, Dv)
+    grid = (triton.cdiv(T, block_t), B * Hq)
+    memory_attention_bwd_kernel[grid](
+        q, mem_keys, mem_values, indices, pos, cos_t, sin_t, grad_out, lse.contiguous(), delta, dq, dk, dv,
+        Hq, Hq // Hkv, T, k, D, Dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        mem_keys.stride(0), mem_keys.stride(1), mem_keys.stride(2),
+        mem_values.stride(0), mem_values.stride(1), mem_values.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        stride_pb, stride_cp,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        scale, scale * LOG2E,
+        ROTARY=cos is not None, MEM_GRAD=mem_grad,
+        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=_num_warps(block_d, block_dv),
+    )
+    return dq, (dk if mem_grad else None), (dv if mem_grad else None)
+
+
+class MemoryAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, mem_keys, mem_values, indices, scale, mem_positions, cos, sin):
+        out, lse = memory_attention_fwd(q, mem_keys, mem_values, indices, scale, mem_positions, cos, sin)
+        ctx.save_for_backward(q, mem_keys, mem_values, indices, mem_positions, cos, sin, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, mem_keys, mem_values, indices, mem_positions, cos, sin, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        mem_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dq, dk, dv = memory_attention_bwd(grad_out, grad_lse, q, mem_keys, mem_values, indices, out, lse,
+                                          ctx.scale, mem_positions, cos, sin, mem_grad)
+        dk = dk.to(mem_keys.dtype) if ctx.needs_input_grad[1] else None
+        dv = dv.to(mem_values.dtype) if ctx.needs_input_grad[2] else None
+        return dq, dk, dv, None, None, None, None, None
+
+
+def memory_attention_triton(
+    q: torch.Tensor,
+    mem_keys: torch.Tensor,
+    mem_values: torch.Tensor,
+    indices: torch.Tensor,
+    scale: Optional[float] = None,
+    mem_positions: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused retrieval attention (inputs assumed validated by ``memory_attention``).
+
+    Args:
+        q: ``[B, Hq, T, D]``; mem_keys ``[B, Hkv, C, D]``; mem_values ``[B, Hkv, C, Dv]``;
+        indices: ``[B, Hq, T, k]`` slot ids, -1 = missing; scale: default ``D ** -0.5``;
+        mem_positions ``[B, C]`` with rotary_cos/rotary_sin ``[P, D]``: rotate keys on read.
+
+    Returns:
+        ``(out [B, Hq, T, Dv] in q's dtype, lse [B, Hq, T] fp32)``.
+
+    Example:
+        >>> import torch
+        >>> from memlayers.ops.memory_attention.triton import memory_attention_triton
+        >>> q = torch.randn(1, 4, 8, 64, device="cuda")
+        >>> kv = torch.randn(1, 2, 256, 64, device="cuda")
+        >>> out, lse = memory_attention_triton(q, kv, kv, torch.randint(0, 256, (1, 4, 8, 32), device="cuda"))
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return MemoryAttentionFunction.apply(q, mem_keys, mem_values, indices, float(scale),
+                                         mem_positions, rotary_cos, rotary_sin)
