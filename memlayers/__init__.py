@@ -8,7 +8,21 @@ from .layers import KNNMemoryAttention, NeuralMemory, NeuralMemoryState, TitansM
 from .memory import KNNMemory, KNNSearchResult
 from .ops import knn_search, memory_attention, merge_attention, titans_memory
 
+# HuggingFace integration: resolved on first access, so `import memlayers` never imports transformers.
+_HF_EXPORTS = ("attach", "detach", "memorize", "reset_memory", "save_pretrained", "from_pretrained",
+               "load_memory", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig")
+
+
+def __getattr__(name):
+    if name in _HF_EXPORTS:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_HF_EXPORTS,
     "__version__",
     "KNNMemory",
     "KNNMemoryAttention",

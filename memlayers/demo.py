@@ -94,7 +94,15 @@ def format_rows(rows: List[Dict[str, object]]) -> str:
 
 def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"memlayers demo 1/1: KNNMemory, 40,000 tokens streamed through 16,384 slots x 4 heads, "
+    print(f"memlayers demo 1/2: KNNMemory, 40,000 tokens streamed through 16,384 slots x 4 heads, "
           f"D=64, k=32, 64 queries per head ({device})")
     print(format_rows(run_store_demo()))
+    print()
+    print("memlayers demo 2/2: a HuggingFace model with kNN memory attached")
+    try:
+        from .models.demo import run_demo
+    except ImportError as e:  # transformers missing: pip install memlayers[hf]
+        print(f"skipped: {e}")
+        return 0
+    run_demo()
     return 0

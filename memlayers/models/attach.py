@@ -1,0 +1,127 @@
+"""``attach`` / ``detach``: memory layers into a HuggingFace causal LM, in place, and back out."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Sequence, Union
+
+from torch import nn
+
+from .config import is_config, resolve_layers
+from .families import base_model, family_of
+from .state import ATTR, Attachment, MemoryState, Slot, get_state, install, uninstall
+
+
+def _as_list(config) -> List:
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    if not configs:
+        raise ValueError("config must be a memory config or a non-empty list of them")
+    for c in configs:
+        if not is_config(c):
+            raise TypeError(
+                "config must be a KNNMemoryConfig, TitansMemoryConfig or DKVBConfig (or a list of them), "
+                f"got {type(c).__name__}"
+            )
+    return configs
+
+
+def _builders():
+    from . import knn_attach, layer_attach
+
+    return {"knn": knn_attach.build, **layer_attach.BUILDERS}
+
+
+def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Module:
+    """Attach memory layers to ``model`` in place and return it.
+
+    Args:
+        model: a transformers causal LM (Llama, Mistral, Qwen2, Qwen3 or GPT-2 family), or its
+            decoder stack.
+        config: a ``KNNMemoryConfig``, ``TitansMemoryConfig`` or ``DKVBConfig``, or a list of them.
+            Each replaces modules of the chosen decoder layers by wrappers that keep the original as
+            ``base_layer``; ``detach(model)`` puts the originals back.
+
+    Raises ``TypeError``/``ValueError`` (the model unchanged) for an unsupported model, a bad config,
+    a layer index out of range, or a memory of the same kind already attached to a chosen layer.
+
+    Example:
+        >>> import memlayers as ml
+        >>> model = ml.attach(model, ml.KNNMemoryConfig(layers=[-4, -3, -2, -1], top_k=32))
+        >>> ml.memorize(model, long_ids, chunk_size=512)
+        >>> model.generate(question_ids, max_new_tokens=20)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    family = family_of(model)
+    configs = _as_list(config)
+    state = get_state(model, required=False)
+    builders = _builders()
+    decoder = family.layers(base_model(model))
+
+    # Validate everything before touching the model.
+    taken = {(a.config.kind, i) for a in (state.attachments if state else []) for i in a.config.layers}
+    plans = []
+    for c in configs:
+        layers = resolve_layers(c.layers, decoder)
+        for i in layers:
+            if (c.kind, i) in taken:
+                raise ValueError(f"config: a {c.kind} memory is already attached to decoder layer {i}; detach first")
+            taken.add((c.kind, i))
+        plans.append(dataclasses.replace(c, layers=layers))
+    if any(c.kind == "knn" for c in plans) and (state is None or state.base_attn is None):
+        from .attention import register
+
+        register(model.config._attn_implementation)  # raises for an unsupported implementation
+
+    # Build every wrapper before installing any: a failing build leaves the model as it was.
+    new_state = state is None
+    if new_state:
+        state = MemoryState(family=family)
+    saved = (state.base_attn, state.position_slot)
+    built = []
+    try:
+        for c in plans:
+            built.append(Attachment(config=c, slots=builders[c.kind](model, c, state)))
+            state.building.extend(built[-1].slots)
+    except Exception:
+        state.base_attn, state.position_slot = saved
+        raise
+    finally:
+        state.building.clear()
+    if new_state:
+        model.__dict__[ATTR] = state
+    state.attachments.extend(built)
+    install(model, state)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every attachment: the model's original modules (the same objects) and attention
+    implementation are back, and its outputs are bit-identical to before ``attach``. Returns it."""
+    state = get_state(model)
+    uninstall(model, state)
+    from .attention import WRAPPERS
+
+    for wrapper in state.wrappers("knn"):
+        WRAPPERS.pop(wrapper.base_layer, None)
+    del model.__dict__[ATTR]
+    return model
+
+
+def original(module: nn.Module) -> nn.Module:
+    """The model's own module under any memlayers wrappers."""
+    while getattr(module, "_memlayers_wrapper", False):
+        module = module.base_layer
+    return module
+
+
+def position_slot(model: nn.Module, state: MemoryState) -> Slot:
+    """The model-wide ``PositionShift`` (created by the first kNN attachment)."""
+    if state.position_slot is None:
+        from .positions import PositionShift
+
+        fam = state.family
+        base = base_model(model)
+        wrapper = PositionShift(getattr(base, fam.position_attr), rotary=fam.rotary,
+                                max_positions=fam.max_positions(model.config))
+        state.position_slot = Slot(parent=base, attr=fam.position_attr, wrapper=wrapper, layer=-1)
+    return state.position_slot

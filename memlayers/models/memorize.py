@@ -1,0 +1,164 @@
+"""``memorize`` (stream a long input into the memories) and ``reset_memory``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.utils import check_positive_int, check_tensor
+from .families import base_model
+from .state import get_state
+
+# Inputs of at least this many chunks show a progress bar when progress=None.
+PROGRESS_MIN_CHUNKS = 8
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_input_ids(model, input_ids) -> None:
+    check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=_model_device(model))
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    vocab = model.config.vocab_size
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}, got values in {lo}..{hi}")
+
+
+@torch.no_grad()
+def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
+             attention_mask: Optional[torch.Tensor] = None, progress: Optional[bool] = None):
+    """Stream ``input_ids`` through the model chunk by chunk, writing each chunk into the memories.
+
+    Each chunk attends to its own tokens (causally) and to what earlier chunks left in the memories,
+    then its keys/values are stored (kNN) and the memories' states advance (Titans). Afterwards the
+    model continues the text: ``model(rest)`` or ``model.generate(rest)`` see positions that follow
+    the memorized tokens, and the memories.
+
+    Args:
+        model: a model with memory attached (``attach``).
+        input_ids: ``[B, N]`` token ids on the model's device; row b goes to memory row b.
+        chunk_size: tokens per forward pass (the local attention window while memorizing).
+        attention_mask: ``[B, N]``, all ones: every token is memorized (rows of different lengths are
+            memorized by separate calls with a ``reset_memory`` of the rows in between, or padded
+            into other documents; padding inside memorized text is not supported).
+        progress: show a tqdm bar (None: for inputs of at least 8 chunks).
+
+    Returns the model. Arguments are checked before any memory changes; the first memorize fixes
+    the memories' batch size (``reset_memory()`` of all rows frees it).
+    """
+    state = get_state(model)
+    _check_input_ids(model, input_ids)
+    check_positive_int("chunk_size", chunk_size)
+    B, N = input_ids.shape
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, shape=(B, N), device=input_ids.device)
+        if not bool((attention_mask == 1).all()):
+            raise ValueError("attention_mask: memorize stores every token; padding (zeros) is not supported")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+    pos = state.positions
+    if pos is not None and pos.max_positions and state.max_offset + N > pos.max_positions:
+        raise ValueError(
+            f"input_ids: {state.max_offset} memorized + {N} new tokens exceed the model's "
+            f"{pos.max_positions} learned positions"
+        )
+    _prepare_rows(model, state, B)
+
+    starts = range(0, N, chunk_size)
+    if progress or (progress is None and len(starts) >= PROGRESS_MIN_CHUNKS):
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="memorize", unit="chunk")
+    decoder = base_model(model)
+    try:
+        for start in starts:
+            chunk = input_ids[:, start:start + chunk_size]
+            T = chunk.shape[1]
+            if pos is not None:
+                state.write_positions = pos.offset[:, None] + torch.arange(T, device=pos.offset.device)
+            state.writing = True
+            # The decoder stack alone: memorizing needs no logits.
+            decoder(input_ids=chunk, use_cache=False)
+            state.writing = False
+            if pos is not None:
+                pos.offset += T
+                state.max_offset += T
+    finally:
+        state.writing = False
+        state.write_positions = None
+    return model
+
+
+def _prepare_rows(model, state, batch_size: int) -> None:
+    """Give every memory ``batch_size`` rows; refuse a different batch while memories are held."""
+    pos = state.positions
+    titans_rows = [w.batch_rows() for w in state.wrappers("titans") if w.batch_rows() is not None]
+    held = pos.offset.shape[0] if pos is not None else (titans_rows[0] if titans_rows else None)
+    holding = state.max_offset > 0 or bool(titans_rows)
+    if holding and held is not None and held != batch_size:
+        raise ValueError(
+            f"input_ids has {batch_size} rows but the memories hold {held}; reset_memory() first to change the batch size"
+        )
+    param = next(model.parameters())
+    for wrapper in state.wrappers():
+        if hasattr(wrapper, "ensure_memory"):
+            wrapper.ensure_memory(batch_size, param.device, param.dtype)
+    if pos is not None and held != batch_size:
+        pos.resize(batch_size)
+
+
+def _rows_mask(rows, batch_size: int, device) -> torch.Tensor:
+    if rows is None:
+        return torch.ones(batch_size, dtype=torch.bool, device=device)
+    if isinstance(rows, bool):
+        raise TypeError("rows must be None, an int, a list of ints, a LongTensor of row ids or a bool mask, got bool")
+    if isinstance(rows, int):
+        rows = [rows]
+    if isinstance(rows, (list, tuple)):
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+            raise TypeError(f"rows must hold ints, got {rows!r}")
+        rows = torch.tensor(rows, dtype=torch.long)
+    check_tensor("rows", rows, ndim=1)
+    if rows.dtype == torch.bool:
+        if rows.shape[0] != batch_size:
+            raise ValueError(f"rows as a bool mask must have shape ({batch_size},), got {tuple(rows.shape)}")
+        return rows.to(device)
+    if rows.is_floating_point() or rows.is_complex():
+        raise TypeError(f"rows must be integer row ids or a bool mask, got dtype {rows.dtype}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch_size):
+        raise ValueError(f"rows must be row ids in 0..{batch_size - 1}, got {rows.tolist()}")
+    mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    mask[rows.to(device)] = True
+    return mask
+
+
+@torch.no_grad()
+def reset_memory(model, rows=None):
+    """Forget what was memorized, in every attached memory.
+
+    Args:
+        rows: None (every row), an int, a list or LongTensor of row ids, or a ``[B]`` bool mask.
+            Other rows are left exactly as they were.
+
+    Returns the model.
+    """
+    state = get_state(model)
+    pos = state.positions
+    batch = pos.offset.shape[0] if pos is not None and pos.offset.numel() else None
+    if batch is None:
+        batch = next((w.batch_rows() for w in state.wrappers("titans") if w.batch_rows() is not None), None)
+    if batch is None:  # nothing was ever memorized
+        if rows is not None:
+            raise ValueError("rows: nothing was memorized yet, so there are no rows to reset")
+        return model
+    mask = _rows_mask(rows, batch, pos.offset.device if pos is not None else "cpu")
+    for wrapper in state.wrappers():
+        if hasattr(wrapper, "reset_rows"):
+            wrapper.reset_rows(mask)
+    if pos is not None:
+        pos.offset[mask.to(pos.offset.device)] = 0
+        state.sync_offsets()
+    return model

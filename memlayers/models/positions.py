@@ -1,0 +1,94 @@
+"""Positions continue after the memorized tokens.
+
+After ``memorize`` of N tokens, the next input is token N, N+1, ... of the same text, but the model
+numbers it from 0 (its cache is empty). ``PositionShift`` wraps the module that turns position ids
+into position information (the rotary embedding of Llama-family models, the learned position
+embedding of GPT-2) and adds each batch row's count of memorized tokens, so that every layer sees
+the positions a full-context pass would give. For rotary models this changes nothing but the
+memory layers' relative distances to their memories (RoPE is relative); for GPT-2 it is what makes
+memory + local context equal the full context.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+
+class PositionShift(nn.Module):
+    """Wraps ``base_layer`` (called as ``base_layer(x, position_ids)`` for rotary embeddings, or
+    ``base_layer(position_ids)`` for a position embedding table) and shifts row b's position ids by
+    ``offset[b]``, the tokens memorized in that row.
+    """
+
+    _memlayers_wrapper = True
+
+    def __init__(self, base_layer: nn.Module, rotary: bool, max_positions: int = 0):
+        super().__init__()
+        self.base_layer = base_layer
+        self.rotary = rotary
+        # Learned tables end at max_positions; rotary embeddings extrapolate (0: no limit).
+        self.max_positions = max_positions
+        # No rows until the first memorize fixes the batch size.
+        self.register_buffer("offset", torch.zeros(0, dtype=torch.long, device=self._device()))
+        self._tables: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _device(self) -> torch.device:
+        for t in list(self.base_layer.parameters()) + list(self.base_layer.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def shifted(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.offset.numel() == 0 or not bool(self.offset.any()):
+            return position_ids
+        B = self.offset.shape[0]
+        if position_ids.shape[0] not in (1, B):
+            raise ValueError(
+                f"the model's memory holds {B} batch rows but the input has {position_ids.shape[0]}; "
+                "generate with the batch that was memorized (no beams or num_return_sequences > 1), "
+                "or reset_memory first"
+            )
+        shifted = position_ids + self.offset.to(position_ids.device)[:, None]
+        if self.max_positions and int(shifted.max()) >= self.max_positions:
+            raise ValueError(
+                f"memorized plus current tokens reach position {int(shifted.max())}, past the model's "
+                f"{self.max_positions} learned positions; memorize less or reset_memory"
+            )
+        return shifted
+
+    def forward(self, *args, **kwargs):
+        if self.rotary:
+            x, position_ids = _rotary_args(args, kwargs)
+            return self.base_layer(x, self.shifted(position_ids))
+        (position_ids,) = args
+        return self.base_layer(self.shifted(position_ids))
+
+    def resize(self, batch_size: int) -> None:
+        """Give the offsets ``batch_size`` rows, all zero (only while nothing is memorized)."""
+        self.offset = torch.zeros(batch_size, dtype=torch.long, device=self.offset.device)
+
+    @torch.no_grad()
+    def rotary_table(self, length: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[P, D]`` for positions ``0..P-1``, ``P >= length`` (grown in powers of two)."""
+        size = 1 << max(10, (max(1, length) - 1).bit_length())
+        key = (dtype, device)
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < size:
+            ids = torch.arange(size, device=device)[None]
+            cos, sin = self.base_layer(torch.empty(0, device=device, dtype=dtype), ids)
+            cached = (cos[0].float(), sin[0].float())
+            self._tables[key] = cached
+        return cached
+
+    def _apply(self, fn, recurse=True):
+        # A move or cast invalidates the cached tables.
+        self._tables.clear()
+        return super()._apply(fn, recurse)
+
+
+def _rotary_args(args, kwargs):
+    x = args[0] if args else kwargs["x"]
+    if len(args) > 1:
+        return x, args[1]
+    return x, kwargs["position_ids"]
