@@ -4,7 +4,16 @@ Importing this package imports torch only: never faiss, transformers or triton, 
 initializes CUDA (those load on first use).
 """
 from ._version import __version__
-from .layers import KNNMemoryAttention, NeuralMemory, NeuralMemoryState, TitansMAC, TitansMAG, TitansMAL
+from .layers import (
+    DiscreteKeyValueBottleneck,
+    KNNMemoryAttention,
+    NeuralMemory,
+    NeuralMemoryState,
+    ProductKeyMemory,
+    TitansMAC,
+    TitansMAG,
+    TitansMAL,
+)
 from .memory import KNNMemory, KNNSearchResult
 from .ops import knn_search, memory_attention, merge_attention, titans_memory
 
@@ -24,11 +33,13 @@ def __getattr__(name):
 __all__ = [
     *_HF_EXPORTS,
     "__version__",
+    "DiscreteKeyValueBottleneck",
     "KNNMemory",
     "KNNMemoryAttention",
     "KNNSearchResult",
     "NeuralMemory",
     "NeuralMemoryState",
+    "ProductKeyMemory",
     "TitansMAC",
     "TitansMAG",
     "TitansMAL",

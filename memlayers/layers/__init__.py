@@ -1,13 +1,17 @@
 """Drop-in nn.Modules built on memlayers.ops."""
+from .dkvb import DiscreteKeyValueBottleneck
 from .knn_attention import KNNMemoryAttention
 from .neural_memory import NeuralMemory, NeuralMemoryState
+from .pkm import ProductKeyMemory
 from .rotary import RotaryCache, apply_rotary, rotary_tables
 from .titans import TitansMAC, TitansMAG, TitansMAL
 
 __all__ = [
+    "DiscreteKeyValueBottleneck",
     "KNNMemoryAttention",
     "NeuralMemory",
     "NeuralMemoryState",
+    "ProductKeyMemory",
     "RotaryCache",
     "TitansMAC",
     "TitansMAG",

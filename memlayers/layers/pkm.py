@@ -1,0 +1,138 @@
+"""Product-key memory (Lample et al., 2019) with the Memory+ options of "Memory Layers at Scale".
+
+A query is split in two halves; each half is scored against its own set of ``n`` half-keys, the
+top-k of each side are combined (k x k candidates, the sum of the two half scores), and the best k
+of those address a table of ``n * n`` values. The output is the softmax-weighted sum of those value
+rows, summed over heads: a fused weighted embedding bag, whose backward touches only the rows hit.
+
+Memory+ switches: ``shared_values`` (one value table for several memory layers), ``gated`` (SiLU
+gate from the input, then an output projection), ``qk_norm`` (unit-norm queries and half-keys).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.embedding_bag import weighted_embedding_bag
+from ..ops.utils import FLOAT_DTYPES, check_positive_int, check_tensor
+
+
+class ProductKeyMemory(nn.Module):
+    """Product-key memory layer: ``x [..., dim] -> [..., dim]`` (or ``[..., value_dim]``).
+
+    Args:
+        dim: input (and output) size.
+        heads: independent query heads; their reads are summed.
+        num_keys: ``n``, half-keys per side; the memory holds ``n * n`` values.
+        topk: values read per head (and half-keys kept per side), ``<= n``.
+        value_dim: size of a value row; defaults to ``dim``.
+        key_dim: size of a full query/key (two halves); even, defaults to ``min(dim, 256)`` rounded down to even.
+        shared_values: a ``[n * n, value_dim]`` ``nn.Parameter`` or another ``ProductKeyMemory``
+            whose values this layer reads (Memory+ shares one table across layers).
+        gated: Memory+ output ``out_proj(read * silu(gate(x)))``.
+        qk_norm: L2-normalize queries and half-keys before scoring (Memory+).
+        out_proj: project the read to ``dim``; defaults to True when gated or ``value_dim != dim``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the weighted gather.
+
+    Example:
+        >>> import torch, memlayers as ml
+        >>> pkm = ml.ProductKeyMemory(dim=64, heads=2, num_keys=32, topk=8)
+        >>> pkm(torch.randn(2, 10, 64)).shape
+        torch.Size([2, 10, 64])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        num_keys: int = 512,
+        topk: int = 32,
+        value_dim: Optional[int] = None,
+        key_dim: Optional[int] = None,
+        shared_values: Optional[Union[nn.Parameter, "ProductKeyMemory"]] = None,
+        gated: bool = False,
+        qk_norm: bool = False,
+        out_proj: Optional[bool] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("heads", heads)
+        check_positive_int("num_keys", num_keys, minimum=2)
+        check_positive_int("topk", topk)
+        if topk > num_keys:
+            raise ValueError(f"topk must be <= num_keys ({num_keys}), got {topk}")
+        value_dim = dim if value_dim is None else check_positive_int("value_dim", value_dim)
+        key_dim = max(2, min(dim, 256) // 2 * 2) if key_dim is None else check_positive_int("key_dim", key_dim, minimum=2)
+        if key_dim % 2:
+            raise ValueError(f"key_dim must be even (two halves), got {key_dim}")
+
+        self.dim, self.heads, self.num_keys, self.topk = dim, heads, num_keys, topk
+        self.value_dim, self.key_dim, self.gated, self.qk_norm, self.backend = value_dim, key_dim, gated, qk_norm, backend
+        self.num_values = num_keys * num_keys
+
+        self.query = nn.Linear(dim, heads * key_dim, bias=False)
+        half = key_dim // 2
+        # keys[h, side, i]: half-key i of side 0 (first query half) or 1 (second half) for head h.
+        self.keys = nn.Parameter(torch.empty(heads, 2, num_keys, half).uniform_(-1 / math.sqrt(half), 1 / math.sqrt(half)))
+        if shared_values is None:
+            self.values = nn.Parameter(torch.randn(self.num_values, value_dim) / math.sqrt(value_dim))
+        else:
+            shared = shared_values.values if isinstance(shared_values, ProductKeyMemory) else shared_values
+            if not isinstance(shared, nn.Parameter):
+                raise TypeError(f"shared_values must be an nn.Parameter or a ProductKeyMemory, got {type(shared_values).__name__}")
+            check_tensor("shared_values", shared, shape=(self.num_values, value_dim), dtypes=FLOAT_DTYPES)
+            self.values = shared  # the same Parameter object: model.parameters() lists it once
+        self.gate = nn.Linear(dim, value_dim, bias=False) if gated else None
+        if out_proj is None:
+            out_proj = gated or value_dim != dim
+        self.out_proj = nn.Linear(value_dim, dim, bias=False) if out_proj else None
+
+    def address(self, x: torch.Tensor):
+        """x ``[T, dim]`` -> ``(indices [T, heads, topk]`` into the values, ``weights [T, heads, topk])``."""
+        T = x.shape[0]
+        H, n, k, half = self.heads, self.num_keys, self.topk, self.key_dim // 2
+        q = self.query(x).view(T, H, 2, half)
+        keys = self.keys
+        if self.qk_norm:
+            q, keys = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)
+        scores = torch.einsum("thsd,hsnd->thsn", q, keys.to(q.dtype))  # [T, H, 2, n]
+        side_scores, side_idx = scores.topk(k, dim=-1)  # [T, H, 2, k]
+        # All k x k pairs of one half-key from each side; a pair's score is the sum of its halves'.
+        pair = side_scores[:, :, 0, :, None] + side_scores[:, :, 1, None, :]  # [T, H, k, k]
+        best, flat = pair.reshape(T, H, k * k).topk(k, dim=-1)
+        first = side_idx[:, :, 0].gather(-1, flat // k)
+        second = side_idx[:, :, 1].gather(-1, flat % k)
+        return first * n + second, torch.softmax(best.float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., dim]`` -> ``[..., dim]`` (``[..., value_dim]`` when there is no output projection)."""
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, device=self.values.device)
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [..., {self.dim}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.dim)
+        indices, weights = self.address(flat)
+        T = flat.shape[0]
+        read = weighted_embedding_bag(
+            self.values, indices.reshape(T, -1), weights.reshape(T, -1).to(self.values.dtype),
+            backend=self.backend, check_indices=False,  # built here, always in range
+        )
+        if self.gate is not None:
+            read = read * F.silu(self.gate(flat)).to(read.dtype)
+        if self.out_proj is not None:
+            read = self.out_proj(read.to(self.out_proj.weight.dtype))
+        return read.reshape(*lead, read.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, num_keys={self.num_keys} (values {self.num_values}), topk={self.topk}, "
+            f"value_dim={self.value_dim}, key_dim={self.key_dim}, gated={self.gated}, qk_norm={self.qk_norm}"
+        )
+
+
+__all__ = ["ProductKeyMemory"]
