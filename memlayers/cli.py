@@ -1,4 +1,4 @@
-"""The ``memlayers`` command line: ``memlayers demo``, ``memlayers bench``."""
+"""The ``memlayers`` command line: ``memlayers demo``, ``memlayers bench``, ``memlayers probe ...``."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +33,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memlayers", description="Memory layers for PyTorch: demos, benchmarks.")
+    from .probes.cli import add_probe_parser, run_probe
+
+    parser = argparse.ArgumentParser(prog="memlayers",
+                                     description="Memory layers for PyTorch: demo, benchmarks, recall probes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_probe_parser(sub)
+    sub.choices["probe"].set_defaults(func=run_probe)
 
     demo = sub.add_parser("demo", help="run the demo: a kNN memory streamed, searched, backends compared")
     demo.set_defaults(func=_cmd_demo)

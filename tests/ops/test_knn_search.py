@@ -82,6 +82,14 @@ def test_triton_matches_reference(shape, metric, device):
     assert rel_err(s[s > float("-inf")], s_ref[s_ref > float("-inf")]) <= 1e-5
 
 
+def test_k_beyond_faiss_gpu_cap(device):
+    """k is not capped at 2048 (faiss-GPU's limit) nor rounded to a power of two."""
+    q = torch.randn(1, 1, 2, 16, device=device)
+    keys = torch.randn(1, 1, 2200, 16, device=device)
+    s, i = knn_search(q, keys, 2100, backend="triton")
+    check_topk(s, i, q, keys, 2100, "ip")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_low_precision(dtype, device):
     q = torch.randn(1, 4, 9, 64, device=device, dtype=dtype)
