@@ -79,6 +79,21 @@ class _TitansBase(nn.Module):
         return torch.cat([self.persistent.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
 
 
+class _WindowedTitansBase(_TitansBase):
+    """MAG and MAL: sliding-window attention over ``[persistent tokens, x]``."""
+
+    def __init__(self, dim: int, heads: int = 4, window: int = 128, n_persist: int = 4,
+                 memory_heads: Optional[int] = None, memory_kwargs: Optional[dict] = None):
+        super().__init__(dim, heads, n_persist, memory_heads, memory_kwargs)
+        self.window = check_positive_int("window", window)
+
+    def _window_attention(self, h: torch.Tensor) -> torch.Tensor:
+        """``h + attn(norm(h))`` for ``h [B, n_persist + T, dim]``, window-masked."""
+        mask = _sliding_window_mask(self.n_persist, h.shape[1] - self.n_persist, self.window, h.device)
+        a = self.attn_norm(h)
+        return h + self.attn(a, a, mask)
+
+
 class TitansMAC(_TitansBase):
     """Memory as a Context (Titans, section 4.1).
 
@@ -127,7 +142,7 @@ class TitansMAC(_TitansBase):
         return torch.cat(outs, dim=1)
 
 
-class TitansMAG(_TitansBase):
+class TitansMAG(_WindowedTitansBase):
     """Memory as a Gate (Titans, section 4.2).
 
     Two branches read ``[persistent tokens, x]``: sliding-window attention (window ``window``;
@@ -144,23 +159,16 @@ class TitansMAG(_TitansBase):
         torch.Size([2, 100, 64])
     """
 
-    def __init__(self, dim: int, heads: int = 4, window: int = 128, n_persist: int = 4,
-                 memory_heads: Optional[int] = None, memory_kwargs: Optional[dict] = None):
-        super().__init__(dim, heads, n_persist, memory_heads, memory_kwargs)
-        self.window = check_positive_int("window", window)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         xt = self._with_persistent(x)
-        mask = _sliding_window_mask(self.n_persist, x.shape[1], self.window, x.device)
-        a = self.attn_norm(xt)
-        y = xt + self.attn(a, a, mask)
+        y = self._window_attention(xt)
         m, _ = self.memory(self.mem_norm(xt))
         o = (y * torch.sigmoid(m))[:, self.n_persist:]
         return o + self.ff(o)
 
 
-class TitansMAL(_TitansBase):
+class TitansMAL(_WindowedTitansBase):
     """Memory as a Layer (Titans, section 4.3).
 
     The neural memory reads ``[persistent tokens, x]`` first (compressing the past into its
@@ -176,19 +184,11 @@ class TitansMAL(_TitansBase):
         torch.Size([2, 100, 64])
     """
 
-    def __init__(self, dim: int, heads: int = 4, window: int = 128, n_persist: int = 4,
-                 memory_heads: Optional[int] = None, memory_kwargs: Optional[dict] = None):
-        super().__init__(dim, heads, n_persist, memory_heads, memory_kwargs)
-        self.window = check_positive_int("window", window)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         xt = self._with_persistent(x)
         m, _ = self.memory(self.mem_norm(xt))
-        h = xt + m
-        mask = _sliding_window_mask(self.n_persist, x.shape[1], self.window, x.device)
-        a = self.attn_norm(h)
-        y = (h + self.attn(a, a, mask))[:, self.n_persist:]
+        y = self._window_attention(xt + m)[:, self.n_persist:]
         return y + self.ff(y)
 
 

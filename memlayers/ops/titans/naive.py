@@ -107,6 +107,11 @@ def _lower_ratio(cum: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff.masked_fill(~mask, float("-inf")))
 
 
+def _log_cumprod(gate: torch.Tensor) -> torch.Tensor:
+    """``log prod_{l<=i} gate_l`` along the last axis, as a cumsum of logs (gates clamped at TINY)."""
+    return torch.cumsum(torch.log(gate.clamp_min(TINY)), -1)
+
+
 def titans_chunked_naive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,13 +143,13 @@ def titans_chunked_naive(
         sl = slice(start, min(T, start + chunk_size))
         Q, K, V, TH = qf[:, :, sl], kf[:, :, sl], vf[:, :, sl], th[:, :, sl]
         if alpha is not None:
-            la = torch.cumsum(torch.log((1 - alpha[:, :, sl].float()).clamp_min(TINY)), -1)
+            la = _log_cumprod(1 - alpha[:, :, sl].float())
         else:
             la = torch.zeros_like(TH)
         LA = _lower_ratio(la)
         A = torch.exp(la)
         if S is not None:
-            lb = torch.cumsum(torch.log(eta[:, :, sl].float().clamp_min(TINY)), -1)
+            lb = _log_cumprod(eta[:, :, sl].float())
             c = LA @ _lower_ratio(lb)
             d = (LA @ torch.exp(lb).unsqueeze(-1)).squeeze(-1)
             s_end = torch.exp(lb[..., -1:] - lb) * TH

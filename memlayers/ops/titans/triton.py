@@ -64,6 +64,30 @@ def _state_shapes(g: _Geometry, depth: int):
     return [(g.DK, g.DH), (g.DH, g.DV)]
 
 
+def _state_buffers(lead, shapes, has_momentum, dev):
+    """fp32 ``[*lead, a, b]`` per layer for the weights and for the momentum (the same tensors without it)."""
+    ws = [torch.empty(*lead, a, b, dtype=torch.float32, device=dev) for a, b in shapes]
+    return ws, ([torch.empty_like(w) for w in ws] if has_momentum else ws)
+
+
+def _launch_args(g: _Geometry, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, prec):
+    """What the forward and the backward launches share: ``(gate tensors, scalars, constexpr keywords)``.
+
+    ``theta`` stands in for an absent ``alpha`` or ``eta`` (the kernels never read it then).
+    """
+    gates = (theta.contiguous(), (alpha if alpha is not None else theta).contiguous(),
+             (eta if eta is not None else theta).contiguous())
+    if depth == 1:
+        sizes = dict(DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV)
+    else:
+        sizes = dict(D=g.DK, DH=g.DH, BD=g.BK, BHD=g.BHID)
+    flags = dict(
+        sizes, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], PREC=prec,
+        num_warps=_warps(g.BK, g.BV, g.BHID),
+    )
+    return gates, (g.T, g.NC, g.R, p, delta, eps), flags
+
+
 def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size, bias, p, delta, eps, prec):
     """Launch the forward kernel. Returns ``(y, final weights, final momentum, checkpoints, geometry)``."""
     g = _Geometry(q, v, weights, chunk_size)
@@ -73,28 +97,17 @@ def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size,
     y = torch.empty(g.B, g.H, g.T, g.DV, dtype=q.dtype, device=dev)
     w0 = [_f32(w) for w in weights]
     s0 = [_f32(s) for s in momentum] if momentum is not None else w0
-    wt = [torch.empty(g.B, g.H, a, b, dtype=torch.float32, device=dev) for a, b in shapes]
-    st = [torch.empty_like(w) for w in wt] if momentum is not None else wt
-    ckw = [torch.empty(g.BH * g.NSEG, a, b, dtype=torch.float32, device=dev) for a, b in shapes]
-    cks = [torch.empty_like(w) for w in ckw] if momentum is not None else ckw
-    gates = (theta.contiguous(), (alpha if alpha is not None else theta).contiguous(),
-             (eta if eta is not None else theta).contiguous())
-    flags = dict(
-        MOMENTUM=momentum is not None, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], PREC=prec,
-        num_warps=_warps(g.BK, g.BV, g.BHID),
-    )
+    wt, st = _state_buffers((g.B, g.H), shapes, momentum is not None, dev)
+    ckw, cks = _state_buffers((g.BH * g.NSEG,), shapes, momentum is not None, dev)
+    gates, scalars, flags = _launch_args(g, depth, theta, alpha, eta, momentum is not None, bias, p, delta, eps, prec)
     qkv = (q.contiguous(), k.contiguous(), v.contiguous())
     if depth == 1:
         titans_linear_fwd_kernel[(g.BH,)](
-            *qkv, *gates, w0[0], s0[0], y, wt[0], st[0], ckw[0], cks[0],
-            g.T, g.NC, g.R, p, delta, eps,
-            DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV, BC=g.C, **flags,
+            *qkv, *gates, w0[0], s0[0], y, wt[0], st[0], ckw[0], cks[0], *scalars, **flags,
         )
     else:
         titans_mlp_fwd_kernel[(g.BH,)](
-            *qkv, *gates, *w0, *s0, y, *wt, *st, *ckw, *cks,
-            g.T, g.NC, g.R, p, delta, eps,
-            D=g.DK, DH=g.DH, BD=g.BK, BHD=g.BHID, BC=g.C, **flags,
+            *qkv, *gates, *w0, *s0, y, *wt, *st, *ckw, *cks, *scalars, **flags,
         )
     return y, tuple(wt), (tuple(st) if momentum is not None else None), (ckw, cks), g
 
@@ -111,32 +124,21 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     dth = torch.empty(g.B, g.H, g.T, dtype=torch.float32, device=dev)
     dal = torch.empty_like(dth) if alpha is not None else dth
     det = torch.empty_like(dth) if has_momentum else dth
-    dw0 = [torch.empty(g.B, g.H, a, b, dtype=torch.float32, device=dev) for a, b in shapes]
-    ds0 = [torch.empty_like(w) for w in dw0] if has_momentum else dw0
-    scratch_shapes = [(_block(a), _block(b)) for a, b in shapes]
-    scw = [torch.empty(g.BH * g.R, a, b, dtype=torch.float32, device=dev) for a, b in scratch_shapes]
-    scs = [torch.empty_like(w) for w in scw]
-    gates = (theta.contiguous(), (alpha if alpha is not None else theta).contiguous(),
-             (eta if eta is not None else theta).contiguous())
-    flags = dict(
-        MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], PREC=prec,
-        num_warps=_warps(g.BK, g.BV, g.BHID),
-    )
+    dw0, ds0 = _state_buffers((g.B, g.H), shapes, has_momentum, dev)
+    # Scratch for one segment's recomputed chunk-start states, padded to the kernels' tiles.
+    scw, scs = _state_buffers((g.BH * g.R,), [(_block(a), _block(b)) for a, b in shapes], has_momentum, dev)
+    gates, scalars, flags = _launch_args(g, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, prec)
     qkv = (q, k, v)
     grads = (dq, dk, dv, dth, dal, det)
     if depth == 1:
         titans_linear_bwd_kernel[(g.BH,)](
             *qkv, *gates, ckw[0], cks[0], scw[0], scs[0], dy.contiguous(), dwt[0], dst[0],
-            *grads, dw0[0], ds0[0],
-            g.T, g.NC, g.R, p, delta, eps,
-            DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV, BC=g.C, **flags,
+            *grads, dw0[0], ds0[0], *scalars, **flags,
         )
     else:
         titans_mlp_bwd_kernel[(g.BH,)](
             *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dwt, *dst,
-            *grads, *dw0, *ds0,
-            g.T, g.NC, g.R, p, delta, eps,
-            D=g.DK, DH=g.DH, BD=g.BK, BHD=g.BHID, BC=g.C, **flags,
+            *grads, *dw0, *ds0, *scalars, **flags,
         )
     return (dq, dk, dv, dth, dal if alpha is not None else None, det if has_momentum else None,
             tuple(dw0), tuple(ds0) if has_momentum else None)

@@ -1,4 +1,5 @@
-"""Triton pieces shared by the linear and the MLP Titans kernels: gates of a chunk, attentional biases.
+"""Triton pieces shared by the linear and the MLP Titans kernels: tile loads and stores, memory
+states, gates of a chunk, attentional biases.
 
 Imported only through ``memlayers.ops.titans.triton`` (lazily), never at ``import memlayers``.
 All math is fp32; gate matmuls always use ieee precision (they set every decay coefficient).
@@ -8,6 +9,83 @@ import triton.language as tl
 
 # Bias ids (constexpr in the kernels), in the order of naive.BIASES.
 BIAS_IDS = {"l2": 0, "lp": 1, "huber": 2}
+
+
+@triton.jit
+def _load_rows(P, base, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, BD)
+    m = ((t0 + rc) < T)[:, None] & (rd < D)[None, :]
+    return tl.load(P + (base + t0 + rc)[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(P, x, base, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, BD)
+    m = ((t0 + rc) < T)[:, None] & (rd < D)[None, :]
+    tl.store(P + (base + t0 + rc)[:, None] * D + rd[None, :], x.to(P.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mat_ptrs(P, idx, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    """Pointers and mask of matrix ``idx`` in a stack of ``[R, C]`` row-major matrices."""
+    rr = tl.arange(0, BR)
+    cc = tl.arange(0, BCOL)
+    return P + idx * (R * C) + rr[:, None] * C + cc[None, :], (rr < R)[:, None] & (cc < C)[None, :]
+
+
+@triton.jit
+def _load_mat(P, idx, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    ptrs, m = _mat_ptrs(P, idx, R, C, BR, BCOL)
+    return tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_mat(P, idx, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    ptrs, m = _mat_ptrs(P, idx, R, C, BR, BCOL)
+    tl.store(ptrs, x, mask=m)
+
+
+@triton.jit
+def _load_state(PW, PS, idx, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                BR: tl.constexpr, BCOL: tl.constexpr):
+    """One layer's state ``(W, S)``: matrix ``idx`` of the stacks ``PW``, ``PS`` (``S`` is 0 without momentum)."""
+    W = _load_mat(PW, idx, R, C, BR, BCOL)
+    if MOMENTUM:
+        S = _load_mat(PS, idx, R, C, BR, BCOL)
+    else:
+        S = tl.zeros([BR, BCOL], dtype=tl.float32)
+    return W, S
+
+
+@triton.jit
+def _store_state(PW, PS, idx, W, S, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                 BR: tl.constexpr, BCOL: tl.constexpr):
+    """Store one layer's state ``(W, S)`` as matrix ``idx`` of ``PW``, ``PS`` (``S`` only with momentum)."""
+    _store_mat(PW, idx, W, R, C, BR, BCOL)
+    if MOMENTUM:
+        _store_mat(PS, idx, S, R, C, BR, BCOL)
+
+
+@triton.jit
+def _load_chunk_bwd_rows(Q, K, V, DY, tbase, t0, T, DK: tl.constexpr, DV: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
+    """A chunk's rows of ``q, k [C, DK]`` and ``v, dy [C, DV]`` (fp32, zero past ``T``)."""
+    q = _load_rows(Q, tbase, t0, T, DK, BK, BC)
+    k = _load_rows(K, tbase, t0, T, DK, BK, BC)
+    v = _load_rows(V, tbase, t0, T, DV, BV, BC)
+    dy = _load_rows(DY, tbase, t0, T, DV, BV, BC)
+    return q, k, v, dy
+
+
+@triton.jit
+def _store_chunk_grads(DQ, DK_, DV_, dq, dk, dv, tbase, t0, T, DK: tl.constexpr, DV: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
+    """Store a chunk's rows of ``dq, dk [C, DK]`` and ``dv [C, DV]``."""
+    _store_rows(DQ, dq, tbase, t0, T, DK, BK, BC)
+    _store_rows(DK_, dk, tbase, t0, T, DK, BK, BC)
+    _store_rows(DV_, dv, tbase, t0, T, DV, BV, BC)
 
 
 @triton.jit

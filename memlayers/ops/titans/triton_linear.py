@@ -15,43 +15,10 @@ states, then back-propagates through its chunks last to first, carrying dW and d
 import triton
 import triton.language as tl
 
-from .triton_common import bias_grad, bias_hess, chunk_gates, gates_bwd, pick, pick_row
-
-
-@triton.jit
-def _load_rows(P, base, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
-    rc = tl.arange(0, BC)
-    rd = tl.arange(0, BD)
-    m = ((t0 + rc) < T)[:, None] & (rd < D)[None, :]
-    return tl.load(P + (base + t0 + rc)[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_rows(P, x, base, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
-    rc = tl.arange(0, BC)
-    rd = tl.arange(0, BD)
-    m = ((t0 + rc) < T)[:, None] & (rd < D)[None, :]
-    tl.store(P + (base + t0 + rc)[:, None] * D + rd[None, :], x.to(P.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _mat_ptrs(P, idx, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    """Pointers and mask of matrix ``idx`` in a stack of ``[R, C]`` row-major matrices."""
-    rr = tl.arange(0, BR)
-    cc = tl.arange(0, BCOL)
-    return P + idx * (R * C) + rr[:, None] * C + cc[None, :], (rr < R)[:, None] & (cc < C)[None, :]
-
-
-@triton.jit
-def _load_mat(P, idx, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    ptrs, m = _mat_ptrs(P, idx, R, C, BR, BCOL)
-    return tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_mat(P, idx, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    ptrs, m = _mat_ptrs(P, idx, R, C, BR, BCOL)
-    tl.store(ptrs, x, mask=m)
+from .triton_common import (
+    _load_chunk_bwd_rows, _load_rows, _load_state, _store_chunk_grads, _store_rows, _store_state,
+    bias_grad, bias_hess, chunk_gates, gates_bwd, pick, pick_row,
+)
 
 
 @triton.jit
@@ -90,23 +57,15 @@ def titans_linear_fwd_kernel(
 ):
     bh = tl.program_id(0)
     nseg = tl.cdiv(NC, R)
-    W = _load_mat(W0, bh, DK, DV, BK, BV)
-    if MOMENTUM:
-        S = _load_mat(S0, bh, DK, DV, BK, BV)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    W, S = _load_state(W0, S0, bh, MOMENTUM, DK, DV, BK, BV)
     for ci in range(0, NC):
         if ci % R == 0:
-            _store_mat(CKW, bh * nseg + ci // R, W, DK, DV, BK, BV)
-            if MOMENTUM:
-                _store_mat(CKS, bh * nseg + ci // R, S, DK, DV, BK, BV)
+            _store_state(CKW, CKS, bh * nseg + ci // R, W, S, MOMENTUM, DK, DV, BK, BV)
         W, S = _linear_chunk_fwd(
             Q, K, V, TH, AL, ET, Y, W, S, bh * T, ci * BC, T, p, delta, eps,
             DK, DV, BK, BV, BC, MOMENTUM, FORGET, BIAS, PREC, True,
         )
-    _store_mat(WT, bh, W, DK, DV, BK, BV)
-    if MOMENTUM:
-        _store_mat(ST, bh, S, DK, DV, BK, BV)
+    _store_state(WT, ST, bh, W, S, MOMENTUM, DK, DV, BK, BV)
 
 
 @triton.jit
@@ -121,10 +80,7 @@ def _linear_chunk_bwd(
     Stores dq, dk, dv and the gate gradients of the chunk; returns the gradients of (W, S).
     """
     th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
-    q = _load_rows(Q, tbase, t0, T, DK, BK, BC)
-    k = _load_rows(K, tbase, t0, T, DK, BK, BC)
-    v = _load_rows(V, tbase, t0, T, DV, BV, BC)
-    dy = _load_rows(DY, tbase, t0, T, DV, BV, BC)
+    q, k, v, dy = _load_chunk_bwd_rows(Q, K, V, DY, tbase, t0, T, DK, DV, BK, BV, BC)
     r = tl.dot(k, W, input_precision=PREC) - v
     e = bias_grad(r, BIAS, p, delta, eps)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -169,9 +125,7 @@ def _linear_chunk_bwd(
     dr = de * bias_hess(r, BIAS, p, delta, eps)
     dk += tl.dot(dr, tl.trans(W), input_precision=PREC)
     dW0 += tl.dot(tl.trans(k), dr, input_precision=PREC)
-    _store_rows(DQ, dq, tbase, t0, T, DK, BK, BC)
-    _store_rows(DK_, dk, tbase, t0, T, DK, BK, BC)
-    _store_rows(DV_, -dr, tbase, t0, T, DV, BV, BC)
+    _store_chunk_grads(DQ, DK_, DV_, dq, dk, -dr, tbase, t0, T, DK, DV, BK, BV, BC)
     gates_bwd(
         dct, dw_end, ds_end, dA, dd, db_end, th, la, lb, LA, LB, c, Bv, is_last,
         AL, ET, DTH, DAL, DET, tbase, t0, T, BC, MOMENTUM, FORGET,
@@ -189,23 +143,14 @@ def titans_linear_bwd_kernel(
 ):
     bh = tl.program_id(0)
     nseg = tl.cdiv(NC, R)
-    dW = _load_mat(DWT, bh, DK, DV, BK, BV)
-    if MOMENTUM:
-        dS = _load_mat(DST, bh, DK, DV, BK, BV)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dW, dS = _load_state(DWT, DST, bh, MOMENTUM, DK, DV, BK, BV)
     for si in range(0, nseg):
         seg = nseg - 1 - si
         n_in = tl.minimum(R, NC - seg * R)
         # Recompute the segment's chunk-start states from its checkpoint.
-        W = _load_mat(CKW, bh * nseg + seg, DK, DV, BK, BV)
-        if MOMENTUM:
-            S = _load_mat(CKS, bh * nseg + seg, DK, DV, BK, BV)
-        else:
-            S = tl.zeros([BK, BV], dtype=tl.float32)
+        W, S = _load_state(CKW, CKS, bh * nseg + seg, MOMENTUM, DK, DV, BK, BV)
         for r in range(0, n_in):
-            _store_mat(SCW, bh * R + r, W, BK, BV, BK, BV)
-            _store_mat(SCS, bh * R + r, S, BK, BV, BK, BV)
+            _store_state(SCW, SCS, bh * R + r, W, S, MOMENTUM, BK, BV, BK, BV)
             if r < n_in - 1:
                 W, S = _linear_chunk_fwd(
                     Q, K, V, TH, AL, ET, Q, W, S, bh * T, (seg * R + r) * BC, T, p, delta, eps,
@@ -214,14 +159,11 @@ def titans_linear_bwd_kernel(
         tl.debug_barrier()
         for rr in range(0, n_in):
             r = n_in - 1 - rr
-            W = _load_mat(SCW, bh * R + r, BK, BV, BK, BV)
-            S = _load_mat(SCS, bh * R + r, BK, BV, BK, BV)
+            W, S = _load_state(SCW, SCS, bh * R + r, MOMENTUM, BK, BV, BK, BV)
             dW, dS = _linear_chunk_bwd(
                 Q, K, V, TH, AL, ET, DY, DQ, DK_, DV_, DTH, DAL, DET,
                 W, S, dW, dS, bh * T, (seg * R + r) * BC, T, p, delta, eps,
                 DK, DV, BK, BV, BC, MOMENTUM, FORGET, BIAS, PREC,
             )
         tl.debug_barrier()
-    _store_mat(DW0, bh, dW, DK, DV, BK, BV)
-    if MOMENTUM:
-        _store_mat(DS0, bh, dS, DK, DV, BK, BV)
+    _store_state(DW0, DS0, bh, dW, dS, MOMENTUM, DK, DV, BK, BV)

@@ -14,8 +14,10 @@ so retrieval with every token's own weights is exact without materializing them.
 import triton
 import triton.language as tl
 
-from .triton_common import bias_grad, bias_hess, chunk_gates, gates_bwd, pick, pick_row
-from .triton_linear import _load_mat, _load_rows, _store_mat, _store_rows
+from .triton_common import (
+    _load_chunk_bwd_rows, _load_rows, _load_state, _store_chunk_grads, _store_rows, _store_state,
+    bias_grad, bias_hess, chunk_gates, gates_bwd, pick, pick_row,
+)
 
 
 @triton.jit
@@ -23,6 +25,23 @@ def _silu_parts(z):
     """silu(z) and its first derivative."""
     s = tl.sigmoid(z)
     return z * s, s * (1.0 + z * (1.0 - s)), s
+
+
+@triton.jit
+def _load_states(PW1, PW2, PS1, PS2, idx, MOMENTUM: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
+                 BD: tl.constexpr, BHD: tl.constexpr):
+    """Both layers' states ``(W1 [D, DH], W2 [DH, D], S1, S2)``, matrix ``idx`` of each stack."""
+    W1, S1 = _load_state(PW1, PS1, idx, MOMENTUM, D, DH, BD, BHD)
+    W2, S2 = _load_state(PW2, PS2, idx, MOMENTUM, DH, D, BHD, BD)
+    return W1, W2, S1, S2
+
+
+@triton.jit
+def _store_states(PW1, PW2, PS1, PS2, idx, W1, W2, S1, S2, MOMENTUM: tl.constexpr, D: tl.constexpr,
+                  DH: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr):
+    """Store both layers' states as matrix ``idx`` of each stack (momentum only with ``MOMENTUM``)."""
+    _store_state(PW1, PS1, idx, W1, S1, MOMENTUM, D, DH, BD, BHD)
+    _store_state(PW2, PS2, idx, W2, S2, MOMENTUM, DH, D, BHD, BD)
 
 
 @triton.jit
@@ -76,30 +95,15 @@ def titans_mlp_fwd_kernel(
 ):
     bh = tl.program_id(0)
     nseg = tl.cdiv(NC, R)
-    W1 = _load_mat(W10, bh, D, DH, BD, BHD)
-    W2 = _load_mat(W20, bh, DH, D, BHD, BD)
-    if MOMENTUM:
-        S1 = _load_mat(S10, bh, D, DH, BD, BHD)
-        S2 = _load_mat(S20, bh, DH, D, BHD, BD)
-    else:
-        S1 = tl.zeros([BD, BHD], dtype=tl.float32)
-        S2 = tl.zeros([BHD, BD], dtype=tl.float32)
+    W1, W2, S1, S2 = _load_states(W10, W20, S10, S20, bh, MOMENTUM, D, DH, BD, BHD)
     for ci in range(0, NC):
         if ci % R == 0:
-            _store_mat(CKW1, bh * nseg + ci // R, W1, D, DH, BD, BHD)
-            _store_mat(CKW2, bh * nseg + ci // R, W2, DH, D, BHD, BD)
-            if MOMENTUM:
-                _store_mat(CKS1, bh * nseg + ci // R, S1, D, DH, BD, BHD)
-                _store_mat(CKS2, bh * nseg + ci // R, S2, DH, D, BHD, BD)
+            _store_states(CKW1, CKW2, CKS1, CKS2, bh * nseg + ci // R, W1, W2, S1, S2, MOMENTUM, D, DH, BD, BHD)
         W1, W2, S1, S2 = _mlp_chunk_fwd(
             Q, K, V, TH, AL, ET, Y, W1, W2, S1, S2, bh * T, ci * BC, T, p, delta, eps,
             D, BD, BHD, BC, MOMENTUM, FORGET, BIAS, PREC, True,
         )
-    _store_mat(W1T, bh, W1, D, DH, BD, BHD)
-    _store_mat(W2T, bh, W2, DH, D, BHD, BD)
-    if MOMENTUM:
-        _store_mat(S1T, bh, S1, D, DH, BD, BHD)
-        _store_mat(S2T, bh, S2, DH, D, BHD, BD)
+    _store_states(W1T, W2T, S1T, S2T, bh, W1, W2, S1, S2, MOMENTUM, D, DH, BD, BHD)
 
 
 @triton.jit
@@ -111,10 +115,7 @@ def _mlp_chunk_bwd(
 ):
     """Gradients of one chunk from its start state and its end state's gradients (see the linear one)."""
     th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
-    q = _load_rows(Q, tbase, t0, T, D, BD, BC)
-    k = _load_rows(K, tbase, t0, T, D, BD, BC)
-    v = _load_rows(V, tbase, t0, T, D, BD, BC)
-    dy = _load_rows(DY, tbase, t0, T, D, BD, BC)
+    q, k, v, dy = _load_chunk_bwd_rows(Q, K, V, DY, tbase, t0, T, D, D, BD, BD, BC)
     # Recompute the chunk's forward.
     z = tl.dot(k, W1, input_precision=PREC)
     hk, dsilu, sg = _silu_parts(z)
@@ -201,9 +202,7 @@ def _mlp_chunk_bwd(
     dz += dhk * dsilu
     dk += tl.dot(dz, tl.trans(W1), input_precision=PREC)
     dW1 += tl.dot(tl.trans(k), dz, input_precision=PREC)
-    _store_rows(DQ, dq, tbase, t0, T, D, BD, BC)
-    _store_rows(DK_, dk, tbase, t0, T, D, BD, BC)
-    _store_rows(DV_, -dr, tbase, t0, T, D, BD, BC)
+    _store_chunk_grads(DQ, DK_, DV_, dq, dk, -dr, tbase, t0, T, D, D, BD, BD, BC)
     gates_bwd(
         dct, dw_end, ds_end, dA, dd, db_end, th, la, lb, LA, LB, c, Bv, is_last,
         AL, ET, DTH, DAL, DET, tbase, t0, T, BC, MOMENTUM, FORGET,
@@ -221,30 +220,13 @@ def titans_mlp_bwd_kernel(
 ):
     bh = tl.program_id(0)
     nseg = tl.cdiv(NC, R)
-    dW1 = _load_mat(DW1T, bh, D, DH, BD, BHD)
-    dW2 = _load_mat(DW2T, bh, DH, D, BHD, BD)
-    if MOMENTUM:
-        dS1 = _load_mat(DS1T, bh, D, DH, BD, BHD)
-        dS2 = _load_mat(DS2T, bh, DH, D, BHD, BD)
-    else:
-        dS1 = tl.zeros([BD, BHD], dtype=tl.float32)
-        dS2 = tl.zeros([BHD, BD], dtype=tl.float32)
+    dW1, dW2, dS1, dS2 = _load_states(DW1T, DW2T, DS1T, DS2T, bh, MOMENTUM, D, DH, BD, BHD)
     for si in range(0, nseg):
         seg = nseg - 1 - si
         n_in = tl.minimum(R, NC - seg * R)
-        W1 = _load_mat(CKW1, bh * nseg + seg, D, DH, BD, BHD)
-        W2 = _load_mat(CKW2, bh * nseg + seg, DH, D, BHD, BD)
-        if MOMENTUM:
-            S1 = _load_mat(CKS1, bh * nseg + seg, D, DH, BD, BHD)
-            S2 = _load_mat(CKS2, bh * nseg + seg, DH, D, BHD, BD)
-        else:
-            S1 = tl.zeros([BD, BHD], dtype=tl.float32)
-            S2 = tl.zeros([BHD, BD], dtype=tl.float32)
+        W1, W2, S1, S2 = _load_states(CKW1, CKW2, CKS1, CKS2, bh * nseg + seg, MOMENTUM, D, DH, BD, BHD)
         for r in range(0, n_in):
-            _store_mat(SCW1, bh * R + r, W1, BD, BHD, BD, BHD)
-            _store_mat(SCW2, bh * R + r, W2, BHD, BD, BHD, BD)
-            _store_mat(SCS1, bh * R + r, S1, BD, BHD, BD, BHD)
-            _store_mat(SCS2, bh * R + r, S2, BHD, BD, BHD, BD)
+            _store_states(SCW1, SCW2, SCS1, SCS2, bh * R + r, W1, W2, S1, S2, MOMENTUM, BD, BHD, BD, BHD)
             if r < n_in - 1:
                 W1, W2, S1, S2 = _mlp_chunk_fwd(
                     Q, K, V, TH, AL, ET, Q, W1, W2, S1, S2, bh * T, (seg * R + r) * BC, T, p, delta, eps,
@@ -253,18 +235,11 @@ def titans_mlp_bwd_kernel(
         tl.debug_barrier()
         for rr in range(0, n_in):
             r = n_in - 1 - rr
-            W1 = _load_mat(SCW1, bh * R + r, BD, BHD, BD, BHD)
-            W2 = _load_mat(SCW2, bh * R + r, BHD, BD, BHD, BD)
-            S1 = _load_mat(SCS1, bh * R + r, BD, BHD, BD, BHD)
-            S2 = _load_mat(SCS2, bh * R + r, BHD, BD, BHD, BD)
+            W1, W2, S1, S2 = _load_states(SCW1, SCW2, SCS1, SCS2, bh * R + r, MOMENTUM, BD, BHD, BD, BHD)
             dW1, dW2, dS1, dS2 = _mlp_chunk_bwd(
                 Q, K, V, TH, AL, ET, DY, DQ, DK_, DV_, DTH, DAL, DET,
                 W1, W2, S1, S2, dW1, dW2, dS1, dS2, bh * T, (seg * R + r) * BC, T, p, delta, eps,
                 D, BD, BHD, BC, MOMENTUM, FORGET, BIAS, PREC,
             )
         tl.debug_barrier()
-    _store_mat(DW10, bh, dW1, D, DH, BD, BHD)
-    _store_mat(DW20, bh, dW2, DH, D, BHD, BD)
-    if MOMENTUM:
-        _store_mat(DS10, bh, dS1, D, DH, BD, BHD)
-        _store_mat(DS20, bh, dS2, DH, D, BHD, BD)
+    _store_states(DW10, DW20, DS10, DS20, bh, dW1, dW2, dS1, dS2, MOMENTUM, D, DH, BD, BHD)
