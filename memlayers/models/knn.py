@@ -27,14 +27,13 @@ from ..memory import KNNMemory
 from ..ops.memory_attention import memory_attention, merge_attention
 from .attention import WRAPPERS, local_attention, rotate, unrotate
 from .config import KNNMemoryConfig
+from .state import BaseLayerWrapper
 
 
-class KNNAttention(nn.Module):
+class KNNAttention(BaseLayerWrapper):
     """``base_layer`` (the model's attention module) plus a ``KNNMemory`` (``memory``, created by
     the first ``memorize``: its batch size is the input's) and, for ``combine="gate"``, ``gate``
     (one logit per query head, trainable)."""
-
-    _memlayers_wrapper = True
 
     def __init__(self, base_layer: nn.Module, config: KNNMemoryConfig, layer_index: int,
                  q_heads: int, kv_heads: int, head_dim: int, shared):
@@ -53,15 +52,6 @@ class KNNAttention(nn.Module):
         self.in_call = False
         self._rotary = None
         WRAPPERS[base_layer] = self
-
-    def __getattr__(self, name: str):
-        # Code that reads the attention module's attributes (layer_idx, head_dim, ...) still works.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     # ------------------------------------------------------------------ the memory
     def ensure_memory(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -18,14 +18,13 @@ from torch import nn
 
 from .config import DKVBConfig, TitansMemoryConfig
 from .families import base_model
-from .state import MemoryState, Slot
+from .state import BaseLayerWrapper, MemoryState, Slot
 
 
-class _GatedLayer(nn.Module):
+class _GatedLayer(BaseLayerWrapper):
     """``base_layer(x, ...) + gate * branch(...)``; subclasses define ``branch`` and ``gate_name``
     (distinct per kind: wrappers nest, and attribute lookups fall through to the wrapped layer)."""
 
-    _memlayers_wrapper = True
     gate_name = ""
 
     def __init__(self, base_layer: nn.Module, hidden: int, layer_index: int, shared):
@@ -35,14 +34,6 @@ class _GatedLayer(nn.Module):
         p = next(base_layer.parameters())
         self.register_parameter(self.gate_name, nn.Parameter(torch.zeros(hidden, device=p.device, dtype=p.dtype)))
         object.__setattr__(self, "shared", shared)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def forward(self, hidden_states, *args, **kwargs):
         out = self.base_layer(hidden_states, *args, **kwargs)

@@ -17,6 +17,21 @@ from .families import Family
 ATTR = "_memlayers"
 
 
+class BaseLayerWrapper(nn.Module):
+    """A wrapper that keeps the module it replaces as ``base_layer``; code that reads the wrapped
+    module's attributes (``layer_idx``, ``head_dim``, ...) through the wrapper still finds them."""
+
+    _memlayers_wrapper = True
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
 @dataclass
 class Slot:
     """One replaced module: ``parent.<attr>`` is ``wrapper`` while installed, ``wrapper.base_layer`` after."""

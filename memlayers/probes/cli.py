@@ -117,6 +117,16 @@ def _add_run_options(p: argparse.ArgumentParser, text: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_length_depth_options(p: argparse.ArgumentParser, item: str, lengths_example: str = "",
+                              spacing_help: str = "spacing of N depths") -> None:
+    """``--lengths``, ``--depths`` and ``--depth-spacing`` of the probes that hide ``item`` at a depth."""
+    p.add_argument("--lengths", type=_sizes_type(16), default=[1024, 2048, 4096], metavar="L1,L2,...",
+                   help=f"prompt lengths in tokens, k = 1024 ({lengths_example}default 1k,2k,4k)")
+    p.add_argument("--depths", type=_depths_type, default=5, metavar="N|D1,D2,...",
+                   help=f"number of {item} depths (an integer), or the depths as fractions, e.g. 0.5 or 0,0.25,1 (default 5)")
+    p.add_argument("--depth-spacing", choices=("linear", "sigmoid"), default="linear", help=spacing_help)
+
+
 def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``probe`` with its ``needle|passkey|retention|mqar`` subcommands to ``subparsers``
     (from ``parser.add_subparsers()``); returns the ``probe`` parser. Parsed args carry
@@ -131,12 +141,8 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
                        description="RULER-style needle in a haystack over a grid of context lengths and needle depths, "
                                    "scored by string_match_all (case-insensitive substring match of every expected value).")
     _add_model_options(p)
-    p.add_argument("--lengths", type=_sizes_type(16), default=[1024, 2048, 4096], metavar="L1,L2,...",
-                   help="prompt lengths in tokens, k = 1024 (e.g. 1k,4k,16k; default 1k,2k,4k)")
-    p.add_argument("--depths", type=_depths_type, default=5, metavar="N|D1,D2,...",
-                   help="number of needle depths (an integer), or the depths as fractions, e.g. 0.5 or 0,0.25,1 (default 5)")
-    p.add_argument("--depth-spacing", choices=("linear", "sigmoid"), default="linear",
-                   help="spacing of N depths; sigmoid puts more near the start and end")
+    _add_length_depth_options(p, "needle", lengths_example="e.g. 1k,4k,16k; ",
+                              spacing_help="spacing of N depths; sigmoid puts more near the start and end")
     p.add_argument("--variant", choices=("single", "multikey", "multivalue", "multiquery"), default="single",
                    help="RULER task: one needle; 4 keys (3 distractors); 1 key with 4 values; 4 keys all asked")
     p.add_argument("--haystack", type=Path, default=None, metavar="FILE",
@@ -147,11 +153,7 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
                        description="The passkey retrieval test ('The pass key is K. Remember it. K is the pass key.') "
                                    "hidden in the noise sentence, over context lengths and depths.")
     _add_model_options(p)
-    p.add_argument("--lengths", type=_sizes_type(16), default=[1024, 2048, 4096], metavar="L1,L2,...",
-                   help="prompt lengths in tokens, k = 1024 (default 1k,2k,4k)")
-    p.add_argument("--depths", type=_depths_type, default=5, metavar="N|D1,D2,...",
-                   help="number of passkey depths (an integer), or the depths as fractions, e.g. 0.5 or 0,0.25,1 (default 5)")
-    p.add_argument("--depth-spacing", choices=("linear", "sigmoid"), default="linear", help="spacing of N depths")
+    _add_length_depth_options(p, "passkey")
     _add_run_options(p)
 
     p = sub.add_parser("retention", help="retention / forgetting curves: accuracy vs distance and vs load",

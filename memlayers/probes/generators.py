@@ -92,6 +92,20 @@ def _check_haystack(haystack) -> Haystack:
     return haystack
 
 
+def _fit_context(tokenizer, hay: Haystack, intro: str, items, query: str, context_length: int, joiner: str = " "):
+    """``intro`` + as much of ``hay`` as keeps the prompt (with ``query``) within ``context_length``
+    tokens, ``items`` (``(depth, text)``) inserted at their depths; returns the context and the
+    depth each item actually landed at."""
+
+    def build(n: int):
+        units = hay.units(n)
+        return insert_at_depths(units, hay.token_weights(tokenizer, units), items, joiner=joiner)
+
+    n = fit_count(lambda n: len(prompt_tokens(tokenizer, intro + build(n)[0], query)), context_length, name="context_length")
+    text, actual = build(n)
+    return intro + text, actual
+
+
 def needle_sample(
     tokenizer,
     context_length: int,
@@ -140,17 +154,9 @@ def needle_sample(
     target = NEEDLE.format(type_v=TYPE_V, key=queried[0], value=by_key[queried[0]][0])
     items = [(depth, target)] + [(rng.random(), n) for n in needles if n != target]
 
-    intro = NIAH_INTRO.format(type_v=TYPE_V)
     query_text = join_keys(queried)
     query = NIAH_QUESTION.format(type_v=TYPE_V, query=query_text) + NIAH_ANSWER_PREFIX.format(type_v=TYPE_V, query=query_text)
-
-    def build(n: int):
-        units = hay.units(n)
-        return insert_at_depths(units, hay.token_weights(tokenizer, units), items)
-
-    n = fit_count(lambda n: len(prompt_tokens(tokenizer, intro + build(n)[0], query)), context_length, name="context_length")
-    text, actual = build(n)
-    context = intro + text
+    context, actual = _fit_context(tokenizer, hay, NIAH_INTRO.format(type_v=TYPE_V), items, query, context_length)
     params = {
         "variant": variant,
         "context_length": context_length,
@@ -183,16 +189,8 @@ def passkey_sample(
     rng = _rng("passkey", seed, context_length, depth, index)
     key = str(rng.randint(1, 50000))
     line = PASSKEY_LINE.format(key=key)
-    hay = Haystack()
-
-    def build(n: int):
-        units = hay.units(n)
-        return insert_at_depths(units, hay.token_weights(tokenizer, units), [(depth, line)], joiner="\n")
-
     query = PASSKEY_QUESTION
-    n = fit_count(lambda n: len(prompt_tokens(tokenizer, PASSKEY_INTRO + build(n)[0], query)), context_length, name="context_length")
-    text, actual = build(n)
-    context = PASSKEY_INTRO + text
+    context, actual = _fit_context(tokenizer, Haystack(), PASSKEY_INTRO, [(depth, line)], query, context_length, joiner="\n")
     params = {
         "context_length": context_length,
         "depth": depth,

@@ -70,6 +70,25 @@ def _title(probe: str, config: Dict) -> str:
     return f"{probe}: {model}" + ("" if mem == "none" else f" + {mem} memory")
 
 
+def _length_depth_cells(tokenizer, lengths, depths, spacing: str):
+    """Checks shared by the ``lengths x depths`` probes; returns the shortest length and the cells."""
+    check_tokenizer(tokenizer)
+    lengths = _sizes("lengths", lengths, 1)
+    depths = _depths(depths, spacing)
+    return lengths[0], [{"context_length": L, "depth": d} for L in lengths for d in depths]
+
+
+def _run_text_probe(responder, out_dir, config: Dict, cells: List[Dict], make, *, samples: int, save_prompts: bool,
+                    overwrite: bool, progress: bool, plots: bool, desc: str, x: str, y: str, title: str,
+                    curves: bool = False) -> List[Dict]:
+    """Run ``cells`` of a text probe (``make(cell, i) -> ProbeSample``) into ``out_dir``; draw the report."""
+    evaluate = text_evaluator(make, responder, samples=samples, prompts_dir=Path(out_dir) / "prompts" if save_prompts else None)
+    records = run_cells(out_dir, config, cells, evaluate, overwrite=overwrite, progress=progress, desc=desc)
+    if plots:
+        write_report(out_dir, records, x=x, y=y, title=_title(title, config), curves=curves)
+    return records
+
+
 def run_needle(
     responder: Responder,
     tokenizer,
@@ -91,26 +110,21 @@ def run_needle(
 
     ``depths``: how many (spaced by ``spacing``, ``"linear"`` or ``"sigmoid"``) or the depths
     themselves in [0, 1]. Scores are ``string_match_all`` (fraction of the asked values found)."""
-    check_tokenizer(tokenizer)
-    lengths = _sizes("lengths", lengths, 1)
-    depths = _depths(depths, spacing)
+    shortest, cells = _length_depth_cells(tokenizer, lengths, depths, spacing)
     if variant not in NEEDLE_VARIANTS:
         raise ValueError(f"variant must be one of {tuple(NEEDLE_VARIANTS)}, got {variant!r}")
     hay = haystack if haystack is not None else Haystack()
     config = {"probe": "needle", "variant": variant, "haystack": hay.describe(), "seed": seed, "samples": samples,
               "scorer": "string_match_all", **_responder_config(responder)}
     # the shortest length must hold the needles: fail now, not after the folder is made
-    needle_sample(tokenizer, lengths[0], 0.0, variant=variant, seed=seed, haystack=hay)
+    needle_sample(tokenizer, shortest, 0.0, variant=variant, seed=seed, haystack=hay)
 
     def make(cell, i):
         return needle_sample(tokenizer, cell["context_length"], cell["depth"], variant=variant, seed=seed, index=i, haystack=hay)
 
-    evaluate = text_evaluator(make, responder, samples=samples, prompts_dir=Path(out_dir) / "prompts" if save_prompts else None)
-    cells = [{"context_length": L, "depth": d} for L in lengths for d in depths]
-    records = run_cells(out_dir, config, cells, evaluate, overwrite=overwrite, progress=progress, desc=f"needle/{variant}")
-    if plots:
-        write_report(out_dir, records, x="context_length", y="depth", title=_title(f"needle ({variant})", config))
-    return records
+    return _run_text_probe(responder, out_dir, config, cells, make, samples=samples, save_prompts=save_prompts,
+                           overwrite=overwrite, progress=progress, plots=plots, desc=f"needle/{variant}",
+                           x="context_length", y="depth", title=f"needle ({variant})")
 
 
 def run_passkey(
@@ -129,21 +143,16 @@ def run_passkey(
     plots: bool = True,
 ) -> List[Dict]:
     """Passkey retrieval over ``lengths x depths`` (see ``passkey_sample``); returns the records."""
-    check_tokenizer(tokenizer)
-    lengths = _sizes("lengths", lengths, 1)
-    depths = _depths(depths, spacing)
+    shortest, cells = _length_depth_cells(tokenizer, lengths, depths, spacing)
     config = {"probe": "passkey", "seed": seed, "samples": samples, "scorer": "string_match_all", **_responder_config(responder)}
-    passkey_sample(tokenizer, lengths[0], 0.0, seed=seed)
+    passkey_sample(tokenizer, shortest, 0.0, seed=seed)
 
     def make(cell, i):
         return passkey_sample(tokenizer, cell["context_length"], cell["depth"], seed=seed, index=i)
 
-    evaluate = text_evaluator(make, responder, samples=samples, prompts_dir=Path(out_dir) / "prompts" if save_prompts else None)
-    cells = [{"context_length": L, "depth": d} for L in lengths for d in depths]
-    records = run_cells(out_dir, config, cells, evaluate, overwrite=overwrite, progress=progress, desc="passkey")
-    if plots:
-        write_report(out_dir, records, x="context_length", y="depth", title=_title("passkey", config))
-    return records
+    return _run_text_probe(responder, out_dir, config, cells, make, samples=samples, save_prompts=save_prompts,
+                           overwrite=overwrite, progress=progress, plots=plots, desc="passkey",
+                           x="context_length", y="depth", title="passkey")
 
 
 def run_retention(
@@ -173,12 +182,10 @@ def run_retention(
     def make(cell, i):
         return retention_sample(tokenizer, cell["distance"], cell["load"], seed=seed, index=i, haystack=hay)
 
-    evaluate = text_evaluator(make, responder, samples=samples, prompts_dir=Path(out_dir) / "prompts" if save_prompts else None)
     cells = [{"distance": D, "load": M} for D in distances for M in loads]
-    records = run_cells(out_dir, config, cells, evaluate, overwrite=overwrite, progress=progress, desc="retention")
-    if plots:
-        write_report(out_dir, records, x="distance", y="load", title=_title("retention", config), curves=True)
-    return records
+    return _run_text_probe(responder, out_dir, config, cells, make, samples=samples, save_prompts=save_prompts,
+                           overwrite=overwrite, progress=progress, plots=plots, desc="retention",
+                           x="distance", y="load", title="retention", curves=True)
 
 
 def run_mqar(

@@ -5,7 +5,10 @@ weight decay, so that parameters with zero gradient do not move), cross-entropy 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import argparse
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -56,6 +59,33 @@ def accuracy_per_task(model: nn.Module, tasks) -> List[float]:
     return [accuracy(model, x, y) for x, y in tasks]
 
 
+def train_and_evaluate(
+    models: Dict[str, Tuple[nn.Module, float]],
+    tasks: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    test_tasks: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> Dict[str, Dict[str, object]]:
+    """Train each ``name -> (model, lr)`` on the tasks in sequence; per model: ``accuracy`` on the
+    whole test set, ``per_task`` test accuracy at the end and ``just_learned``, each task's test
+    accuracy right after training on it (every model should learn each task)."""
+    results = {}
+    for name, (model, lr) in models.items():
+        just_learned = []
+        for task, test_task in zip(tasks, test_tasks):
+            train_sequentially(model, [task], epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+            just_learned.append(accuracy(model, *test_task))
+        results[name] = {
+            "accuracy": accuracy(model, x_test, y_test),
+            "per_task": accuracy_per_task(model, test_tasks),
+            "just_learned": just_learned,
+        }
+    return results
+
+
 def mlp(dim: int, hidden: int, out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
@@ -67,3 +97,39 @@ def summary(results: Dict[str, Dict[str, object]]) -> str:
         learned = " ".join(f"{a:.2f}" for a in r.get("just_learned", []))
         lines.append(f"{name:<10} {r['accuracy']:>24.3f}  {per:<30} {learned}")
     return "\n".join(lines)
+
+
+MODELS = ("dkvb", "linear", "mlp")
+RESULT_FIELDS = ("accuracy", "per_task", "just_learned")
+
+
+def recipe_main(
+    doc: str,
+    run: Callable[..., Dict[str, object]],
+    json_name: str,
+    argv=None,
+    after_seed: Optional[Callable[[int, Dict[str, object], argparse.Namespace], None]] = None,
+) -> int:
+    """The command line of a recipe: ``run(seed=, epochs=)`` for ``--seeds`` seeds, each seed's
+    summary printed, then ``{"runs", "mean_accuracy"}`` written to ``--out``/``json_name``.
+
+    ``run`` returns ``model name -> results`` (extra result fields and a ``"data"`` entry are left
+    out of the JSON); ``after_seed(seed, results, args)`` runs after each seed's summary."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="independent runs (seeds 0..n-1)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per task")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for seed in range(args.seeds):
+        results = run(seed=seed, epochs=args.epochs)
+        models = {k: v for k, v in results.items() if k != "data"}
+        print(f"seed {seed}\n{summary(models)}\n")
+        report[seed] = {k: {m: v[m] for m in RESULT_FIELDS} for k, v in models.items()}
+        if after_seed is not None:
+            after_seed(seed, results, args)
+    mean = {m: sum(r[m]["accuracy"] for r in report.values()) / len(report) for m in MODELS}
+    print("mean final accuracy:", {k: round(v, 3) for k, v in mean.items()})
+    (args.out / json_name).write_text(json.dumps({"runs": report, "mean_accuracy": mean}, indent=2) + "\n")
+    return 0

@@ -9,8 +9,6 @@ MLP, all trained task after task with plain SGD.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import accuracy, accuracy_per_task, mlp, split_tasks, summary, train_sequentially  # noqa: E402
+from common import mlp, recipe_main, split_tasks, train_and_evaluate  # noqa: E402
 
 from memlayers.layers.dkvb import DiscreteKeyValueBottleneck  # noqa: E402
 
@@ -72,35 +70,11 @@ def run(seed: int = 0, epochs: int = 10, batch_size: int = 32, backend: str = "a
     dkvb.init_keys(unlabeled)
     dkvb.freeze_keys()
     models = {"dkvb": (dkvb, 64.0), "linear": (nn.Linear(FEATURES, NUM_CLASSES), 0.05), "mlp": (mlp(FEATURES, 128, NUM_CLASSES), 0.05)}
-    results = {}
-    for name, (model, lr) in models.items():
-        just_learned = []  # accuracy on each task right after training on it
-        for task, test_task in zip(tasks, test_tasks):
-            train_sequentially(model, [task], epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-            just_learned.append(accuracy(model, *test_task))
-        results[name] = {
-            "accuracy": accuracy(model, h_te, y_te),
-            "per_task": accuracy_per_task(model, test_tasks),
-            "just_learned": just_learned,
-        }
-    return results
+    return train_and_evaluate(models, tasks, test_tasks, h_te, y_te, epochs=epochs, batch_size=batch_size, seed=seed)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {}
-    for seed in range(args.seeds):
-        report[seed] = run(seed=seed, epochs=args.epochs)
-        print(f"seed {seed}\n{summary(report[seed])}\n")
-    mean = {m: sum(r[m]["accuracy"] for r in report.values()) / len(report) for m in ("dkvb", "linear", "mlp")}
-    print("mean final accuracy:", {k: round(v, 3) for k, v in mean.items()})
-    (args.out / "digits.json").write_text(json.dumps({"runs": report, "mean_accuracy": mean}, indent=2) + "\n")
-    return 0
+    return recipe_main(__doc__, run, "digits.json", argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ writes ``toy2d.json`` (accuracies) and ``toy2d_boundaries.png`` (decision bounda
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict
@@ -19,7 +17,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import accuracy, accuracy_per_task, mlp, split_tasks, summary, train_sequentially  # noqa: E402
+from common import mlp, recipe_main, split_tasks, train_and_evaluate  # noqa: E402
 
 from memlayers.layers.dkvb import DiscreteKeyValueBottleneck  # noqa: E402
 
@@ -81,18 +79,11 @@ def run(seed: int = 0, per_class: int = 100, epochs: int = 10, batch_size: int =
         "linear": (nn.Linear(2, NUM_CLASSES), 0.5),
         "mlp": (mlp(2, 64, NUM_CLASSES), 0.5),
     }
-    results: Dict[str, object] = {}
-    for name, (model, lr) in models.items():
-        just_learned = []  # accuracy on each task right after training on it: every model learns it
-        for task, test_task in zip(tasks, test_tasks):
-            train_sequentially(model, [task], epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-            just_learned.append(accuracy(model, *test_task))
-        results[name] = {
-            "accuracy": accuracy(model, x_test, y_test),
-            "per_task": accuracy_per_task(model, test_tasks),
-            "just_learned": just_learned,
-            "model": model,
-        }
+    results: Dict[str, object] = train_and_evaluate(
+        models, tasks, test_tasks, x_test, y_test, epochs=epochs, batch_size=batch_size, seed=seed
+    )
+    for name, (model, _) in models.items():
+        results[name]["model"] = model
     results["data"] = (x_test, y_test)
     return results
 
@@ -127,25 +118,11 @@ def plot_boundaries(results, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="independent runs (seeds 0..n-1)")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs per task")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {}
-    for seed in range(args.seeds):
-        results = run(seed=seed, epochs=args.epochs)
-        print(f"seed {seed}\n{summary({k: v for k, v in results.items() if k != 'data'})}\n")
-        report[seed] = {
-            k: {m: v[m] for m in ("accuracy", "per_task", "just_learned")} for k, v in results.items() if k != "data"
-        }
+    def after_seed(seed, results, args):
         if seed == 0:
             plot_boundaries(results, args.out / "toy2d_boundaries.png")
-    mean = {m: sum(r[m]["accuracy"] for r in report.values()) / len(report) for m in ("dkvb", "linear", "mlp")}
-    print("mean final accuracy:", {k: round(v, 3) for k, v in mean.items()})
-    (args.out / "toy2d.json").write_text(json.dumps({"runs": report, "mean_accuracy": mean}, indent=2) + "\n")
-    return 0
+
+    return recipe_main(__doc__, run, "toy2d.json", argv, after_seed=after_seed)
 
 
 if __name__ == "__main__":
