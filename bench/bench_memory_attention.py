@@ -5,6 +5,10 @@ Rows:
   gather path (``memory_attention_naive``: gathers ``[B, H, T, k, D]`` then softmax), forward and
   forward+backward (gradient to q); GB/s counts the gathered key and value rows once.
 - ``search``: the exact top-k search of the memory (part of every layer call).
+- ``local``: the causal local pass with its log-sum-exp (what ``combine="joint"`` merges with the
+  memories): ``local flash (triton)`` (the fused kernel) vs ``torch chunked`` (explicit scores, the
+  naive path) vs ``sdpa`` (PyTorch's fused attention, which gives no log-sum-exp: the speed to match);
+  TFLOP/s counts the causal half of the score matrix (fwd 4 T^2/2 H hd, fwd+bwd 3.5x that).
 - ``layer``: ``KNNMemoryAttention`` (memory full, joint and gate combines) vs the same projections with
   SDPA over the local window alone (``sdpa-local``: the cost of attention without memory).
 
@@ -26,10 +30,11 @@ from common import bench_device, device_peaks, measure, peak_memory_bytes  # noq
 
 from memlayers.layers.knn_attention import KNNMemoryAttention  # noqa: E402
 from memlayers.layers.rotary import apply_rotary  # noqa: E402
+from memlayers.ops.local_attention import local_attention  # noqa: E402
 from memlayers.ops.memory_attention import memory_attention  # noqa: E402
 
 COLUMNS = ["device", "part", "provider", "pass", "T", "C", "k", "H", "hd", "dtype", "ms", "ms_p20", "ms_p80",
-           "gbps", "frac_peak_bw", "peak_mb"]
+           "gbps", "frac_peak_bw", "tflops", "frac_peak_flops", "peak_mb"]
 
 
 def shapes(device: torch.device, quick: bool):
@@ -60,14 +65,16 @@ def sdpa_local(layer: KNNMemoryAttention, x: torch.Tensor) -> torch.Tensor:
     return layer.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def _row(device, part, provider, pss, shape, dtype, fn, nbytes=None):
+def _row(device, part, provider, pss, shape, dtype, fn, nbytes=None, flops=None):
     T, C, k, H, hd = shape
     t = measure(fn, device)
     peaks = device_peaks()
     gbps = nbytes / t["ms"] / 1e6 if nbytes else None
+    tflops = flops / t["ms"] / 1e9 if flops else None
     return {"device": "gpu" if device.type == "cuda" else "cpu (small sizes)", "part": part, "provider": provider,
             "pass": pss, "T": T, "C": C, "k": k, "H": H, "hd": hd, "dtype": str(dtype).replace("torch.", ""),
             **t, "gbps": gbps, "frac_peak_bw": gbps / peaks["gbps"] if gbps and peaks else None,
+            "tflops": tflops, "frac_peak_flops": tflops / peaks["tflops_bf16"] if tflops and peaks else None,
             "peak_mb": (lambda b: b / 2**20 if b is not None else None)(peak_memory_bytes(fn, device))}
 
 
@@ -95,6 +102,35 @@ def op_rows(device, shape, dtype):
 
         rows.append(_row(device, "op", name, "fwd", shape, dtype, fwd, nbytes))
         rows.append(_row(device, "op", name, "fwd+bwd", shape, dtype, fwd_bwd, 2 * nbytes))
+    return rows
+
+
+def local_rows(device, shape, dtype):
+    """The causal local pass over the segment (no prefix): ours with its lse vs torch chunked vs SDPA."""
+    T, C, k, H, hd = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, keys, values = (torch.randn(1, H, T, hd, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    fwd_flops = 4 * H * hd * T * T / 2  # two matmuls over the causal half
+    providers = {
+        "sdpa": lambda: (F.scaled_dot_product_attention(q, keys, values, is_causal=True), None),
+        "torch chunked": lambda: local_attention(q, keys, values, backend="torch"),
+    }
+    if device.type == "cuda":
+        providers["local flash (triton)"] = lambda: local_attention(q, keys, values, backend="triton")
+    rows = []
+    for name, call in providers.items():
+        def fwd(call=call):
+            with torch.no_grad():
+                return call()
+
+        def fwd_bwd(call=call):
+            out, lse = call()
+            loss = out.float().sum() if lse is None else out.float().sum() + lse.sum()
+            loss.backward()
+            q.grad = keys.grad = values.grad = None
+
+        rows.append(_row(device, "local", name, "fwd", shape, dtype, fwd, flops=fwd_flops))
+        rows.append(_row(device, "local", name, "fwd+bwd", shape, dtype, fwd_bwd, flops=3.5 * fwd_flops))
     return rows
 
 
@@ -137,6 +173,7 @@ def table(quick: bool):
     rows = []
     for shape in sizes:
         rows += op_rows(device, shape, dtype)
+        rows += local_rows(device, shape, dtype)
         rows += layer_rows(device, shape, dtype)
     return rows, COLUMNS
 

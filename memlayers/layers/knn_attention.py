@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..memory import KNNMemory
-from ..ops.memory_attention import local_attention, memory_attention, merge_attention
+from ..ops.local_attention import local_attention
+from ..ops.memory_attention import memory_attention, merge_attention
 from ..ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
 from ..ops.utils.guards import same_device
 from .rotary import RotaryCache, apply_rotary
@@ -270,7 +271,8 @@ class KNNMemoryAttention(nn.Module):
 
         mem_out, mem_lse = self._read_memory(q, q_rot, xl_start, prefix_valid) if T else (None, None)
         if self.combine == "joint":
-            out, lse = local_attention(q_rot, local_k, local_v, scale=self.scale, prefix_valid=prefix_valid)
+            out, lse = local_attention(q_rot, local_k, local_v, scale=self.scale, prefix_valid=prefix_valid,
+                                       backend=self.backend)
             if mem_out is not None:
                 out, _ = merge_attention(out, lse, mem_out, mem_lse)
         else:

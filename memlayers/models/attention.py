@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..ops.local_attention import local_attention as causal_local_attention
+
 PREFIX = "memlayers_"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -66,7 +68,8 @@ def register(base: str) -> str:
 
 
 def local_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the local context, in fp32, with its log-sum-exp.
 
@@ -76,21 +79,22 @@ def local_attention(
         mask: transformers' mask for this layer: None (plain causal), bool ``[b, 1|Hq, T, S]`` (True
             attends) or additive float of that shape.
         scale: the score scale.
+        backend: for a plain causal mask (None), the ``memlayers.ops.local_attention`` backend.
 
     Returns:
         ``(out [B, Hq, T, Dv] fp32, lse [B, Hq, T] fp32)``; a query that may attend to nothing gets
         ``out = 0, lse = -inf``.
     """
+    if mask is None:  # plain causal over [cache, chunk]: the flash kernel (or its reference) serves
+        out, lse = causal_local_attention(q, k, v, scale=scale, backend=backend)
+        return out.float(), lse
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     # Query head h reads kv-head h // G: fold the group into the query rows instead of copying k, v.
     qf = q.float().reshape(B, Hkv, G * T, D)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)).mul_(scale).view(B, Hq, T, S)
-    if mask is None:
-        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
-        scores = scores.masked_fill(~causal, float("-inf"))
-    elif mask.dtype == torch.bool:
+    if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask[..., -S:], float("-inf"))
     else:
         scores = scores + mask[..., -S:].float()

@@ -102,7 +102,8 @@ class KNNAttention(BaseLayerWrapper):
         """
         if self.holds_memories():
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-            out_l, lse_l = local_attention(query, key, value, attention_mask, scale)
+            out_l, lse_l = local_attention(query, key, value, attention_mask, scale,
+                                           backend=self.memory_config.backend)
             out_m, lse_m = self._read(query, scale)
             result = self._combine(out_l, lse_l, out_m, lse_m).to(query.dtype).transpose(1, 2).contiguous(), None
         else:

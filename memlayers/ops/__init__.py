@@ -2,7 +2,8 @@
 from .dkvb import dkvb_lookup
 from .embedding_bag import weighted_embedding_bag
 from .knn_search import knn_search
-from .memory_attention import local_attention, memory_attention, merge_attention
+from .local_attention import local_attention
+from .memory_attention import memory_attention, merge_attention
 from .titans import titans_memory
 
 __all__ = [

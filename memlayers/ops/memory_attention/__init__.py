@@ -1,6 +1,6 @@
 """``memory_attention``: attention of each query over its own k memories, gathered by index inside the
 kernel, returning the log-sum-exp so that it merges exactly with a local attention pass
-(``local_attention`` gives one with its log-sum-exp; ``merge_attention`` joins them)."""
+(``memlayers.ops.local_attention`` gives one with its log-sum-exp; ``merge_attention`` joins them)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,6 @@ from typing import Optional, Tuple
 import torch
 
 from ..utils import FLOAT_DTYPES, check_same_device, check_tensor, load_triton_module, resolve_backend
-from .local import local_attention
 from .naive import memory_attention_naive, merge_attention_naive, rotate_half
 
 MAX_HEAD_DIM = 256
@@ -157,5 +156,5 @@ def merge_attention(
     return merge_attention_naive(out_a, lse_a, out_b, lse_b)
 
 
-__all__ = ["local_attention", "memory_attention", "memory_attention_naive", "merge_attention", "merge_attention_naive",
+__all__ = ["memory_attention", "memory_attention_naive", "merge_attention", "merge_attention_naive",
            "rotate_half"]
