@@ -25,6 +25,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _lookup(IDX, PSW, rt, mt, j, stride_idx, stride_psw, scale, HAS_PSW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Lookup j of tokens rt: the value row and its weight (``scale`` without per-sample weights)."""
+    row = tl.load(IDX + rt.to(tl.int64) * stride_idx + j, mask=mt, other=0).to(tl.int64)
+    if HAS_PSW:
+        w = tl.load(PSW + rt.to(tl.int64) * stride_psw + j, mask=mt, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BLOCK_T,), dtype=tl.float32) + scale
+    return row, w
+
+
+@triton.jit
 def embedding_bag_fwd_kernel(
     W, IDX, PSW, OUT, T, K, D, scale,
     stride_w, stride_idx, stride_psw, stride_out,
@@ -36,11 +47,7 @@ def embedding_bag_fwd_kernel(
     mask = mt[:, None] & (rd < D)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for j in range(0, K):
-        row = tl.load(IDX + rt.to(tl.int64) * stride_idx + j, mask=mt, other=0).to(tl.int64)
-        if HAS_PSW:
-            w = tl.load(PSW + rt.to(tl.int64) * stride_psw + j, mask=mt, other=0.0).to(tl.float32)
-        else:
-            w = tl.zeros((BLOCK_T,), dtype=tl.float32) + scale
+        row, w = _lookup(IDX, PSW, rt, mt, j, stride_idx, stride_psw, scale, HAS_PSW, BLOCK_T)
         vals = tl.load(W + row[:, None] * stride_w + rd[None, :], mask=mask, other=0.0)
         acc += w[:, None] * vals.to(tl.float32)
     tl.store(OUT + rt.to(tl.int64)[:, None] * stride_out + rd[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
@@ -87,11 +94,7 @@ def embedding_bag_bwd_weight_atomic_kernel(
     mask = mt[:, None] & (rd < D)[None, :]
     g = tl.load(GOUT + rt.to(tl.int64)[:, None] * stride_gout + rd[None, :], mask=mask, other=0.0).to(tl.float32)
     for j in range(0, K):
-        row = tl.load(IDX + rt.to(tl.int64) * stride_idx + j, mask=mt, other=0).to(tl.int64)
-        if HAS_PSW:
-            w = tl.load(PSW + rt.to(tl.int64) * stride_psw + j, mask=mt, other=0.0).to(tl.float32)
-        else:
-            w = tl.zeros((BLOCK_T,), dtype=tl.float32) + scale
+        row, w = _lookup(IDX, PSW, rt, mt, j, stride_idx, stride_psw, scale, HAS_PSW, BLOCK_T)
         tl.atomic_add(GW + row[:, None] * stride_gw + rd[None, :], w[:, None] * g, mask=mask)
 
 
