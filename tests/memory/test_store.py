@@ -161,6 +161,21 @@ def test_save_load_round_trip_is_bit_exact(opts, tmp_path):
     assert torch.equal(a.indices, c.indices) and torch.equal(a.scores, c.scores)
 
 
+def test_cpu_keys_are_dim_major_and_stay_so(tmp_path):
+    # On CPU the keys buffer is a [B, H, C, D] view of a [B, H, D, C] buffer (fast exact decode search).
+    mem = ml.KNNMemory(2, 2, 16, capacity=40)
+    assert mem.keys.shape == (2, 2, 40, 16) and mem.keys.stride(-2) == 1
+    stream(mem, steps=3, T=17)
+    path = tmp_path / "mem.safetensors"
+    mem.save(path)
+    loaded = ml.KNNMemory.load(path)
+    assert loaded.keys.stride(-2) == 1 and torch.equal(loaded.keys, mem.keys)
+    half = mem.to(torch.float16)
+    assert half.keys.stride(-2) == 1 and half.keys.dtype == torch.float16
+    meta = ml.KNNMemory(1, 1, 8, capacity=5).to("meta")  # any non-CPU device: slot-major rows
+    assert meta.keys.is_contiguous()
+
+
 def test_load_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 

@@ -5,29 +5,66 @@ Scores are "higher is better" in every metric:
 - ``cosine``: q . k / (||q|| ||k||)   (norms clamped below by 1e-12)
 - ``l2``:     -||q - k||^2
 
-Queries are processed in chunks so that the [chunk, M] score block stays near 64M elements
-(256 MB fp32) however long the query sequence is; within a chunk it is one batched matmul and one
-``torch.topk``.
+It is also the path CPU users run, so it is shaped for CPU BLAS (choices measured with
+``python bench/run.py --op knn_search`` on a 2-core AMD EPYC with MKL):
+- Query rows are scored a chunk at a time into one reusable buffer: the T x M score matrix of a long
+  query sequence never exists whole, and page faults on a fresh buffer per chunk are avoided.
+- A few query rows per kv-head (decode) are scored one matrix-vector product per row: BLAS's GEMM
+  with 2-4 rows is slower than that many GEMVs.
+- Keys laid out dim-major (``KNNMemory``'s layout on CPU: a ``[B, H, C, D]`` view of a
+  ``[B, H, D, C]`` buffer) turn each product into a contiguous GEMV over the slots, 2-4x faster
+  than dot products over slot-major rows. Any layout is accepted.
+- Long score rows are selected in two stages (``_select_topk``), so the sort sees a fraction of them.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 NORM_EPS = 1e-12
-SCORE_BLOCK_ELEMENTS = 1 << 26
+SCORE_BUDGET = 1 << 24   # score elements per chunk (64 MB fp32) ...
+MIN_CHUNK_ROWS = 128     # ... unless that leaves GEMMs too thin to run at speed ...
+SCORE_CAP = 1 << 26      # ... but never more than 256 MB.
+MATVEC_ROWS = 4          # at most this many query rows per kv-head: one GEMV per row
+GROUPED_SELECT_RATIO = 2048  # two-stage selection once a row holds this many slots per result
 
 
-def _scores(q: torch.Tensor, keys: torch.Tensor, metric: str, key_sq: Optional[torch.Tensor]) -> torch.Tensor:
-    # q: [B, Hkv, R, D] fp32, keys: [B, Hkv, M, D] fp32 -> [B, Hkv, R, M]
-    s = torch.matmul(q, keys.transpose(-1, -2))
-    if metric == "cosine":
-        qn = q.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        s = s / qn
-    elif metric == "l2":
-        s = 2 * s - q.pow(2).sum(-1, keepdim=True) - key_sq
-    return s
+def _select_topk(s: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(s, k, dim=-1)`` (sorted), in two stages for long rows.
+
+    Slots are cut into groups of ``g`` (about sqrt(M / k)); the k groups with the highest maxima
+    hold every top-k score (a score in the top k has fewer than k larger scores, so fewer than k
+    groups have a larger maximum than its own group), so the top k of those k * g candidates is
+    exact up to ties. It costs one max pass plus sorts over M / g and k * g elements instead of M.
+    """
+    M = s.shape[-1]
+    g = 1 << max(0, round(math.log2(max(1.0, math.sqrt(M / k)))))
+    if M < GROUPED_SELECT_RATIO * k or g < 8 or M % g:
+        return torch.topk(s, k, dim=-1, sorted=True)
+    lead = s.shape[:-1]
+    grouped = s.view(*lead, M // g, g)
+    groups = torch.topk(grouped.amax(-1), k, dim=-1, sorted=False).indices            # [..., k]
+    cand = grouped.gather(-2, groups[..., None].expand(*lead, k, g)).view(*lead, k * g)
+    top_s, at = torch.topk(cand, k, dim=-1, sorted=True)
+    return top_s, groups.gather(-1, at // g) * g + at % g
+
+
+def _chunk_rows(rows: int, pairs: int, M: int) -> int:
+    """Query rows per chunk when ``pairs`` (batch row, kv-head) pairs each score ``M`` slots."""
+    n = max(SCORE_BUDGET // (pairs * M), MIN_CHUNK_ROWS // pairs)
+    return max(1, min(rows, n, SCORE_CAP // (pairs * M)))
+
+
+def _score_chunk(q: torch.Tensor, kt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # q [B, Hkv, n, D], kt [B, Hkv, D, M] -> out [B, Hkv, n, M] = q @ kt
+    n = q.shape[2]
+    if n == 1 or n > MATVEC_ROWS:
+        return torch.matmul(q, kt, out=out)
+    for r in range(n):
+        out[:, :, r : r + 1] = torch.matmul(q[:, :, r : r + 1], kt)
+    return out
 
 
 def knn_search_naive(
@@ -40,41 +77,49 @@ def knn_search_naive(
     """queries [B, Hq, T, D], keys [B, Hkv, M, D] -> (scores [B, Hq, T, k] fp32, indices [B, Hq, T, k] int64).
 
     Sorted best first; slots at or past ``valid_lengths`` ([B] or [B, Hkv]) are never returned;
-    missing results are (score -inf, index -1).
+    missing results are (score -inf, index -1). Not differentiable, like the Triton path.
     """
     B, Hq, T, D = queries.shape
     Hkv, M = keys.shape[1], keys.shape[2]
     group = Hq // Hkv
+    rows = group * T
     # Query heads hq = hkv * group + g share kv-head hkv: fold the group into the rows.
-    q = queries.float().reshape(B, Hkv, group * T, D)
-    kf = keys.float()
+    q = queries.detach().float().reshape(B, Hkv, rows, D)
+    kf = keys.detach().float()  # keeps the keys' layout (a no-op for fp32)
     key_sq = None
     if metric == "cosine":
         kf = kf / kf.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     elif metric == "l2":
         key_sq = kf.pow(2).sum(-1).unsqueeze(-2)  # [B, Hkv, 1, M]
+    kt = kf.transpose(-1, -2)  # [B, Hkv, D, M]: contiguous when the keys are dim-major
 
     invalid = None
     if valid_lengths is not None:
         lengths = valid_lengths.to(device=keys.device, dtype=torch.long)
         if lengths.dim() == 1:
             lengths = lengths[:, None].expand(B, Hkv)
-        invalid = torch.arange(M, device=keys.device) >= lengths[..., None]  # [B, Hkv, M]
-        invalid = invalid.unsqueeze(-2)
+        invalid = (torch.arange(M, device=keys.device) >= lengths[..., None]).unsqueeze(-2)  # [B, Hkv, 1, M]
 
     kk = min(k, M)
-    rows = group * T
-    chunk = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * Hkv * M))
-    out_s, out_i = [], []
-    for start in range(0, rows, chunk):
-        s = _scores(q[:, :, start : start + chunk], kf, metric, key_sq)
-        if invalid is not None:
-            s = s.masked_fill(invalid, float("-inf"))
-        top_s, top_i = torch.topk(s, kk, dim=-1, sorted=True)
-        out_s.append(top_s)
-        out_i.append(top_i)
-    scores = torch.cat(out_s, dim=2) if M > 0 else q.new_full((B, Hkv, rows, 0), float("-inf"))
-    idx = torch.cat(out_i, dim=2) if M > 0 else torch.zeros((B, Hkv, rows, 0), dtype=torch.long, device=q.device)
+    if M == 0 or rows == 0:
+        scores = q.new_full((B, Hkv, rows, 0), float("-inf"))
+        idx = torch.zeros((B, Hkv, rows, 0), dtype=torch.long, device=q.device)
+    else:
+        chunk = _chunk_rows(rows, B * Hkv, M)
+        buf = q.new_empty(B, Hkv, chunk, M)
+        out_s, out_i = [], []
+        for start in range(0, rows, chunk):
+            qc = q[:, :, start : start + chunk]
+            s = _score_chunk(qc, kt, buf if qc.shape[2] == chunk else q.new_empty(B, Hkv, qc.shape[2], M))
+            if metric == "l2":
+                s.mul_(2).sub_(qc.pow(2).sum(-1, keepdim=True)).sub_(key_sq)
+            if invalid is not None:
+                s.masked_fill_(invalid, float("-inf"))
+            top_s, top_i = _select_topk(s, kk)
+            out_s.append(top_s)
+            out_i.append(top_i)
+        scores, idx = torch.cat(out_s, dim=2), torch.cat(out_i, dim=2)
     if kk < k:
         pad = k - kk
         scores = torch.cat([scores, scores.new_full((B, Hkv, rows, pad), float("-inf"))], dim=-1)

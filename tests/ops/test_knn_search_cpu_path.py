@@ -1,0 +1,75 @@
+"""The naive path's CPU machinery: key layouts, per-row GEMVs, chunking and two-stage selection."""
+import pytest
+import torch
+
+from memlayers import knn_search
+from memlayers.ops.knn_search import naive
+from memlayers.ops.knn_search.naive import _select_topk, knn_search_naive
+
+from test_knn_search import check_topk
+
+
+def dim_major(keys: torch.Tensor) -> torch.Tensor:
+    """The same [B, H, M, D] keys stored as KNNMemory stores them on CPU."""
+    return keys.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])  # per-row GEMVs up to MATVEC_ROWS, one GEMM past it
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_layouts_agree(rows, metric):
+    torch.manual_seed(rows)
+    B, Hkv, M, D, k = 2, 2, 517, 24, 9
+    q, keys = torch.randn(B, Hkv * rows, 1, D), torch.randn(B, Hkv, M, D)  # grouped: rows = group size
+    lengths = torch.tensor([M, 301])
+    s, i = knn_search(q, keys, k, valid_lengths=lengths, metric=metric, backend="torch")
+    s_dm, i_dm = knn_search(q, dim_major(keys), k, valid_lengths=lengths, metric=metric, backend="torch")
+    check_topk(s_dm, i_dm, q, keys, k, metric, lengths)
+    torch.testing.assert_close(s_dm, s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 7, 23])
+def test_chunks_and_partial_last_chunk(monkeypatch, T):
+    # Tiny budgets force several chunks, a partial last one, and both scoring branches.
+    monkeypatch.setattr(naive, "SCORE_BUDGET", 300)
+    monkeypatch.setattr(naive, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(naive, "SCORE_CAP", 3 * 2 * 2 * 100)
+    q, keys = torch.randn(2, 4, T, 16), torch.randn(2, 2, 100, 16)
+    for layout in (keys, dim_major(keys)):
+        s, i = knn_search_naive(q, layout, 6, valid_lengths=torch.tensor([[100, 40], [7, 0]]))
+        full = (q.double() @ keys.double().repeat_interleave(2, 1).transpose(-1, -2))
+        full[0, 2:, :, 40:] = float("-inf")
+        full[1, :2, :, 7:] = float("-inf")
+        full[1, 2:] = float("-inf")
+        ref = torch.topk(full, 6, dim=-1).values.float()
+        torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-5)
+        assert bool((i[1, 2:] == -1).all()) and bool((i[1, :2, :, :] < 7).all())
+
+
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_two_stage_selection_is_exact(k):
+    torch.manual_seed(k)
+    M = naive.GROUPED_SELECT_RATIO * k * 2
+    for s in (torch.randn(3, 5, M), torch.randint(-4, 5, (3, 5, M)).float()):  # random, then heavy ties
+        s[0, 0, 7] = float("-inf")
+        v, i = _select_topk(s, k)
+        ref = torch.topk(s, k, dim=-1).values
+        assert torch.equal(v, ref)
+        assert torch.equal(s.gather(-1, i), v), "indices must point at the returned scores"
+        assert bool((i[..., :, None] != i[..., None, :]).sum(-1).eq(k - 1).all()), "indices must be distinct"
+
+
+def test_two_stage_selection_runs_inside_knn_search(monkeypatch):
+    k, M = 2, naive.GROUPED_SELECT_RATIO * 2 * 4
+    q, keys = torch.randn(1, 2, 3, 8), torch.randn(1, 1, M, 8)
+    called = []
+    amax = torch.Tensor.amax
+    monkeypatch.setattr(torch.Tensor, "amax", lambda self, *a, **kw: called.append(1) or amax(self, *a, **kw))
+    s, i = knn_search(q, keys, k, backend="torch")
+    assert called, "the group-maximum stage did not run"
+    check_topk(s, i, q, keys, k, "ip")
+
+
+def test_search_is_not_differentiable():
+    q = torch.randn(1, 1, 2, 8, requires_grad=True)
+    s, _ = knn_search(q, torch.randn(1, 1, 30, 8), 4, backend="torch")
+    assert not s.requires_grad
