@@ -25,14 +25,17 @@ def knn_search(
     Args:
         queries: ``[B, Hq, T, D]``, fp32/fp16/bf16, D in 1..256.
         keys: ``[B, Hkv, M, D]``, same dtype and device; ``Hq`` a multiple of ``Hkv`` (grouped-query:
-            query head ``h`` searches kv-head ``h // (Hq // Hkv)``).
+            query head ``h`` searches kv-head ``h // (Hq // Hkv)``). Any strides; on CPU, keys laid
+            out dim-major (``keys.stride(-2) == 1``, as ``KNNMemory`` stores them there) search a few
+            queries 2-4x faster than contiguous ones.
         k: results per query, any positive int (results past the number of valid keys are marked).
         valid_lengths: optional ``[B]`` or ``[B, Hkv]`` integer tensor: only slots ``< valid_lengths``
             are searched (a memory that is not full yet).
         metric: ``"ip"`` (q.k), ``"cosine"`` or ``"l2"`` (scores are ``-||q-k||^2``); higher is better.
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"``, ``"triton"``, or ``"native"`` (the
-            optional CMake-built CPU library, fp32 only; it beats the torch path for a few queries
-            (decode) and loses to BLAS for many, so ``"auto"`` never picks it).
+            optional CMake-built CPU library, fp32 only; for a few queries it beats the torch path on
+            contiguous keys but not on dim-major ones, and it loses to BLAS for many queries, so
+            ``"auto"`` never picks it).
 
     Returns:
         ``(scores [B, Hq, T, k] fp32, indices [B, Hq, T, k] int64)``, best first; a missing result has
