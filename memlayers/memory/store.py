@@ -34,8 +34,8 @@ def _key_layout(keys: torch.Tensor) -> torch.Tensor:
     """``keys`` ([B, H, C, D]) in the layout searched fastest on its device (a copy only if needed).
 
     On CPU a [B, H, C, D] view of a dim-major [B, H, D, C] buffer: exact search then scores a query
-    with one contiguous matrix-vector product over the slots, 2-4x faster than dot products over
-    slot-major rows (see ``ops/knn_search/naive.py``). GPUs keep slot-major rows, which the fused
+    with one contiguous matrix-vector product over the slots, 2-3x faster than dot products over
+    slot-major rows from 64K slots up (see ``ops/knn_search/naive.py``). GPUs keep slot-major rows, which the fused
     kernels read and gather with unit stride.
     """
     if keys.device.type == "cpu":
@@ -61,6 +61,9 @@ class KNNMemory(nn.Module):
             ``use_gpu`` (default: when faiss has GPUs and the memory is on CUDA).
         device, dtype: where the buffers live and their dtype (fp32, fp16 or bf16).
         search_backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the exact search.
+
+    The ``keys`` buffer is ``[B, H, C, D]`` everywhere, but on CPU it is a view of a dim-major
+    ``[B, H, D, C]`` buffer (fast exact decode search), so use ``reshape`` rather than ``view`` on it.
 
     Example:
         >>> import torch, memlayers as ml

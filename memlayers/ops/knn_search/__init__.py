@@ -27,7 +27,7 @@ def knn_search(
         keys: ``[B, Hkv, M, D]``, same dtype and device; ``Hq`` a multiple of ``Hkv`` (grouped-query:
             query head ``h`` searches kv-head ``h // (Hq // Hkv)``). Any strides; on CPU, keys laid
             out dim-major (``keys.stride(-2) == 1``, as ``KNNMemory`` stores them there) search a few
-            queries 2-4x faster than contiguous ones.
+            queries up to 3x faster than contiguous ones.
         k: results per query, any positive int (results past the number of valid keys are marked).
         valid_lengths: optional ``[B]`` or ``[B, Hkv]`` integer tensor: only slots ``< valid_lengths``
             are searched (a memory that is not full yet).

@@ -12,8 +12,8 @@ It is also the path CPU users run, so it is shaped for CPU BLAS (choices measure
 - A few query rows per kv-head (decode) are scored one matrix-vector product per row: BLAS's GEMM
   with 2-4 rows is slower than that many GEMVs.
 - Keys laid out dim-major (``KNNMemory``'s layout on CPU: a ``[B, H, C, D]`` view of a
-  ``[B, H, D, C]`` buffer) turn each product into a contiguous GEMV over the slots, 2-4x faster
-  than dot products over slot-major rows. Any layout is accepted.
+  ``[B, H, D, C]`` buffer) turn each product into a contiguous GEMV over the slots, 2-3x faster
+  than dot products over slot-major rows from 64K slots up. Any layout is accepted.
 - Long score rows are selected in two stages (``_select_topk``), so the sort sees a fraction of them.
 """
 from __future__ import annotations
