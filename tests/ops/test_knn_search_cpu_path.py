@@ -28,19 +28,21 @@ def test_layouts_agree(rows, metric):
 
 
 @pytest.mark.parametrize("T", [1, 7, 23])
-def test_chunks_and_partial_last_chunk(monkeypatch, T):
-    # Tiny budgets force several chunks, a partial last one, and both scoring branches.
-    monkeypatch.setattr(naive, "SCORE_BUDGET", 300)
+@pytest.mark.parametrize("chunk", [1, 3, 5])  # one GEMV, per-row GEMVs, one GEMM per chunk
+def test_chunks_and_partial_last_chunk(monkeypatch, T, chunk):
+    # A budget of `chunk` rows per (row, kv-head) pair forces several chunks and a partial last one.
+    pairs, M = 4, 100
+    monkeypatch.setattr(naive, "SCORE_BUDGET", chunk * pairs * M)
     monkeypatch.setattr(naive, "MIN_CHUNK_ROWS", 1)
-    monkeypatch.setattr(naive, "SCORE_CAP", 3 * 2 * 2 * 100)
-    q, keys = torch.randn(2, 4, T, 16), torch.randn(2, 2, 100, 16)
+    assert naive._chunk_rows(2 * T, pairs, M) == min(chunk, 2 * T)
+    q, keys = torch.randn(2, 4, T, 16), torch.randn(2, 2, M, 16)
+    full = (q.double() @ keys.double().repeat_interleave(2, 1).transpose(-1, -2))
+    full[0, 2:, :, 40:] = float("-inf")
+    full[1, :2, :, 7:] = float("-inf")
+    full[1, 2:] = float("-inf")
+    ref = torch.topk(full, 6, dim=-1).values.float()
     for layout in (keys, dim_major(keys)):
-        s, i = knn_search_naive(q, layout, 6, valid_lengths=torch.tensor([[100, 40], [7, 0]]))
-        full = (q.double() @ keys.double().repeat_interleave(2, 1).transpose(-1, -2))
-        full[0, 2:, :, 40:] = float("-inf")
-        full[1, :2, :, 7:] = float("-inf")
-        full[1, 2:] = float("-inf")
-        ref = torch.topk(full, 6, dim=-1).values.float()
+        s, i = knn_search_naive(q, layout, 6, valid_lengths=torch.tensor([[M, 40], [7, 0]]))
         torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-5)
         assert bool((i[1, 2:] == -1).all()) and bool((i[1, :2, :, :] < 7).all())
 
