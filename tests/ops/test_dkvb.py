@@ -32,14 +32,14 @@ def check_selection(q, keys, idx, ref_idx, key_mask=None):
 
 
 @pytest.mark.parametrize(
-    "B,C,N,Dk,Dv,topk",
+    "B,C,N,Dk,Dv,k",
     [(1, 1, 16, 14, 10, 1), (37, 3, 100, 14, 10, 1), (20, 2, 130, 5, 16, 3), (9, 2, 70, 16, 3, 5)],
 )
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_triton_matches_naive(device, B, C, N, Dk, Dv, topk, deterministic, poisoned_empty):
+def test_triton_matches_naive(device, B, C, N, Dk, Dv, k, deterministic, poisoned_empty):
     q, keys, values = make(B, C, N, Dk, Dv, device)
-    out, idx = dkvb_lookup(q, keys, values, topk, deterministic=deterministic, backend="triton")
-    ref, ref_idx = dkvb_lookup(q, keys, values, topk, backend="torch")
+    out, idx = dkvb_lookup(q, keys, values, k, deterministic=deterministic, backend="triton")
+    ref, ref_idx = dkvb_lookup(q, keys, values, k, backend="torch")
     assert check_selection(q, keys, idx, ref_idx)
     assert_rel_close(out, ref, TOLERANCE[torch.float32], "out")
     grad = torch.randn_like(ref)
@@ -105,24 +105,34 @@ def test_bad_inputs():
         dkvb_lookup(q, keys.double(), values)
     with pytest.raises(ValueError, match="values"):
         dkvb_lookup(q, keys, values[:, :5])
-    with pytest.raises(TypeError, match="topk"):
-        dkvb_lookup(q, keys, values, topk=1.0)
-    with pytest.raises(ValueError, match="topk"):
-        dkvb_lookup(q, keys, values, topk=11)
+    with pytest.raises(TypeError, match="k must be an int"):
+        dkvb_lookup(q, keys, values, k=1.0)
+    with pytest.raises(ValueError, match="k must be <= the number of keys"):
+        dkvb_lookup(q, keys, values, k=11)
     with pytest.raises(ValueError, match="key_mask"):
         dkvb_lookup(q, keys, values, key_mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_mask"):
         dkvb_lookup(q, keys, values, key_mask=torch.ones(2, 10))
-    with pytest.raises(ValueError, match="key_mask must leave at least topk=2"):
-        dkvb_lookup(q, keys, values, topk=2, key_mask=torch.eye(2, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_mask must leave at least k=2"):
+        dkvb_lookup(q, keys, values, k=2, key_mask=torch.eye(2, 10, dtype=torch.bool))
+
+
+def test_old_keyword_topk_still_works_with_a_warning():
+    q, keys, values = make(4, 2, 10, 3, 5, "cpu")
+    out, idx = dkvb_lookup(q, keys, values, k=3, backend="torch")
+    with pytest.warns(DeprecationWarning, match="topk= is renamed k="):
+        old_out, old_idx = dkvb_lookup(q, keys, values, topk=3, backend="torch")
+    assert torch.equal(old_idx, idx) and torch.equal(old_out, out)
+    with pytest.raises(TypeError, match="both k= and its deprecated name topk="):
+        dkvb_lookup(q, keys, values, k=2, topk=3)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("topk", [1, 4])
-def test_paper_scale_gpu(topk):
+@pytest.mark.parametrize("k", [1, 4])
+def test_paper_scale_gpu(k):
     q, keys, values = make(256, 256, 4096, 14, 10, "cuda")
-    out, idx = dkvb_lookup(q, keys, values, topk, backend="triton")
-    _, ref_idx = dkvb_lookup(q, keys, values, topk, backend="torch")
+    out, idx = dkvb_lookup(q, keys, values, k, backend="triton")
+    _, ref_idx = dkvb_lookup(q, keys, values, k, backend="torch")
     assert check_selection(q, keys, idx, ref_idx)
     # Near-ties may swap a selection among 65536: check the fetch against the kernel's own choice.
     codebook = torch.arange(256, device="cuda")[None, :, None]
@@ -131,6 +141,6 @@ def test_paper_scale_gpu(topk):
     grad = torch.randn_like(ref)
     (rv,) = torch.autograd.grad(ref, values, grad)
     for det in (False, True):
-        out, _ = dkvb_lookup(q, keys, values, topk, deterministic=det, backend="triton")
+        out, _ = dkvb_lookup(q, keys, values, k, deterministic=det, backend="triton")
         (gv,) = torch.autograd.grad(out, values, grad)
         assert_rel_close(gv, rv, TOLERANCE[torch.float32], "grad values")

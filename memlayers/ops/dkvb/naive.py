@@ -2,7 +2,7 @@
 
 For every input row b and codebook c:
     dist[n]        = ||keys[c, n]||^2 - 2 queries[b, c] . keys[c, n]   (squared L2 up to ||q||^2, fp32)
-    indices[b, c]  = the ``topk`` keys of smallest dist, nearest first (keys with key_mask False skipped)
+    indices[b, c]  = the ``k`` keys of smallest dist, nearest first (keys with key_mask False skipped)
     out[b, c]      = mean_j values[c, indices[b, c, j]]
 Only ``values`` is differentiable: the nearest-key choice is piecewise constant, and in the DKVB the
 keys are frozen by design. Codebooks are processed in chunks so that the ``[chunk, B, N]`` distance
@@ -28,10 +28,10 @@ def dkvb_lookup_naive(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    topk: int = 1,
+    k: int = 1,
     key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """queries [B, C, Dk], keys [C, N, Dk], values [C, N, Dv] -> (out [B, C, Dv], indices [B, C, topk] int64)."""
+    """queries [B, C, Dk], keys [C, N, Dk], values [C, N, Dv] -> (out [B, C, Dv], indices [B, C, k] int64)."""
     B, C, _ = queries.shape
     N = keys.shape[1]
     chunk = max(1, DIST_BLOCK_ELEMENTS // max(1, B * N))
@@ -40,8 +40,8 @@ def dkvb_lookup_naive(
         d = dkvb_distances(queries[:, c0 : c0 + chunk], keys[c0 : c0 + chunk])
         if key_mask is not None:
             d = d.masked_fill(~key_mask[c0 : c0 + chunk, None, :], float("inf"))
-        idx_parts.append(torch.topk(d, topk, dim=-1, largest=False, sorted=True).indices)
-    indices = torch.cat(idx_parts, dim=0).permute(1, 0, 2)  # [B, C, topk]
+        idx_parts.append(torch.topk(d, k, dim=-1, largest=False, sorted=True).indices)
+    indices = torch.cat(idx_parts, dim=0).permute(1, 0, 2)  # [B, C, k]
     codebook = torch.arange(C, device=values.device)[None, :, None]
-    fetched = values.float()[codebook, indices]  # [B, C, topk, Dv]; autograd scatters into hit rows only
+    fetched = values.float()[codebook, indices]  # [B, C, k, Dv]; autograd scatters into hit rows only
     return fetched.mean(dim=2).to(values.dtype), indices

@@ -4,13 +4,13 @@ Read top to bottom: kernel, host forward/backward, autograd Function, public fun
 
 One program owns (codebook c, block of BLOCK_B inputs). It streams the codebook's keys in BLOCK_N
 tiles: distances ``||k||^2 - 2 q.k`` come from one ``tl.dot`` per tile (fp32, ieee, so the choice of
-nearest key agrees with the fp32 reference), and a running top-k set of ``topk`` (distance, index)
-pairs per row is updated by ``topk`` rounds of min-extraction from the tile, each replacing the set's
-worst entry when better. The interpreter runs these rounds fast, unlike tl.sort/tl.topk, and topk is
+nearest key agrees with the fp32 reference), and a running top-k set of ``k`` (distance, index)
+pairs per row is updated by ``k`` rounds of min-extraction from the tile, each replacing the set's
+worst entry when better. The interpreter runs these rounds fast, unlike tl.sort/tl.topk, and k is
 small in the DKVB. Neither the ``[C, B, N]`` distances nor a one-hot ever exist. Finally the set is
 emitted nearest first and the chosen value rows are gathered and averaged in fp32.
 
-Backward: only ``values`` has a gradient, ``grad_out[b, c] / topk`` added into the fetched rows;
+Backward: only ``values`` has a gradient, ``grad_out[b, c] / k`` added into the fetched rows;
 this is the embedding-bag table gradient over the flattened ``[C * N, Dv]`` values, either by fp32
 atomics (default) or by the sorted segment reduction (``deterministic=True``).
 """
@@ -86,16 +86,16 @@ def dkvb_fwd_kernel(
 
 
 def dkvb_fwd(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, topk: int, key_mask: Optional[torch.Tensor]
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int, key_mask: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """queries [B, C, Dk], keys [C, N, Dk], values [C, N, Dv] -> (out [B, C, Dv], indices [B, C, topk])."""
+    """queries [B, C, Dk], keys [C, N, Dk], values [C, N, Dv] -> (out [B, C, Dv], indices [B, C, k])."""
     B, C, Dk = queries.shape
     N, Dv = keys.shape[1], values.shape[2]
     queries = queries if queries.stride(2) == 1 else queries.contiguous()
     keys = keys if keys.stride(2) == 1 else keys.contiguous()
     values = values if values.stride(2) == 1 else values.contiguous()
     out = torch.empty((B, C, Dv), device=values.device, dtype=values.dtype)
-    indices = torch.empty((B, C, topk), device=values.device, dtype=torch.int64)
+    indices = torch.empty((B, C, k), device=values.device, dtype=torch.int64)
     if B == 0 or C == 0:
         return out, indices
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else keys  # dummy pointer when absent
@@ -105,7 +105,7 @@ def dkvb_fwd(
         queries, keys, values, mask, out, indices, B, N, Dk, Dv,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         mask.stride(0), out.stride(0), out.stride(1), indices.stride(0), indices.stride(1),
-        TOPK=topk, K_PAD=max(2, triton.next_power_of_2(topk)), HAS_MASK=key_mask is not None,
+        TOPK=k, K_PAD=max(2, triton.next_power_of_2(k)), HAS_MASK=key_mask is not None,
         BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
         BLOCK_DV=triton.next_power_of_2(Dv), num_warps=4,
     )
@@ -113,13 +113,13 @@ def dkvb_fwd(
 
 
 def dkvb_bwd(grad_out: torch.Tensor, indices: torch.Tensor, values_shape, values_dtype, deterministic: bool) -> torch.Tensor:
-    """grad_out [B, C, Dv], indices [B, C, topk] -> grad of values [C, N, Dv] (zero in rows never fetched)."""
-    B, C, topk = indices.shape
+    """grad_out [B, C, Dv], indices [B, C, k] -> grad of values [C, N, Dv] (zero in rows never fetched)."""
+    B, C, k = indices.shape
     _, N, Dv = values_shape
-    # Row c * N + n of the flattened [C * N, Dv] values; one bag per (b, c) with weights 1 / topk.
-    flat_rows = (indices + torch.arange(C, device=indices.device)[None, :, None] * N).reshape(B * C, topk)
+    # Row c * N + n of the flattened [C * N, Dv] values; one bag per (b, c) with weights 1 / k.
+    flat_rows = (indices + torch.arange(C, device=indices.device)[None, :, None] * N).reshape(B * C, k)
     grad = embedding_bag_weight_grad(
-        grad_out.reshape(B * C, Dv), flat_rows, None, C * N, scale=1.0 / topk,
+        grad_out.reshape(B * C, Dv), flat_rows, None, C * N, scale=1.0 / k,
         deterministic=deterministic, out_dtype=values_dtype,
     )
     return grad.reshape(C, N, Dv)
@@ -127,8 +127,8 @@ def dkvb_bwd(grad_out: torch.Tensor, indices: torch.Tensor, values_shape, values
 
 class DKVBLookupFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, keys, values, topk, key_mask, deterministic):
-        out, indices = dkvb_fwd(queries, keys, values, topk, key_mask)
+    def forward(ctx, queries, keys, values, k, key_mask, deterministic):
+        out, indices = dkvb_fwd(queries, keys, values, k, key_mask)
         ctx.save_for_backward(indices)
         ctx.values_shape, ctx.values_dtype, ctx.deterministic = tuple(values.shape), values.dtype, deterministic
         ctx.mark_non_differentiable(indices)
@@ -144,8 +144,8 @@ class DKVBLookupFunction(torch.autograd.Function):
 
 
 def dkvb_lookup_triton(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, topk: int = 1,
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int = 1,
     key_mask: Optional[torch.Tensor] = None, deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`memlayers.ops.dkvb.dkvb_lookup` (same shapes; checked there)."""
-    return DKVBLookupFunction.apply(queries, keys, values, topk, key_mask, deterministic)
+    return DKVBLookupFunction.apply(queries, keys, values, k, key_mask, deterministic)

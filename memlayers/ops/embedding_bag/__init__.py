@@ -57,7 +57,7 @@ def weighted_embedding_bag(
     if check_indices:
         check_indices_in_range("indices", indices, weight.shape[0])
 
-    if resolve_backend(backend, weight, indices, per_sample_weights) == "triton":
+    if resolve_backend(backend, weight, indices, per_sample_weights, op="weighted_embedding_bag") == "triton":
         return load_triton_module("embedding_bag").weighted_embedding_bag_triton(weight, indices, per_sample_weights)
     return weighted_embedding_bag_naive(weight, indices.long(), per_sample_weights)
 

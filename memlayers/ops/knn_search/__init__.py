@@ -65,9 +65,10 @@ def knn_search(
             raise ValueError(f"valid_lengths must have shape ({B},) or ({B}, {Hkv}), got {tuple(valid_lengths.shape)}")
         check_same_device(queries=queries, valid_lengths=valid_lengths)
 
-    if backend == "native":
+    chosen = resolve_backend(backend, queries, keys, op="knn_search")
+    if chosen == "native":
         return knn_search_native_lib(queries, keys, k, valid_lengths, metric)
-    if resolve_backend(backend, queries, keys) == "triton":
+    if chosen == "triton":
         return load_triton_module("knn_search").knn_search_triton(queries, keys, k, valid_lengths, metric)
     return knn_search_naive(queries, keys, k, valid_lengths, metric)
 

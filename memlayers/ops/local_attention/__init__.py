@@ -70,7 +70,7 @@ def local_attention(
         (torch.Size([1, 4, 10, 16]), torch.Size([1, 4, 10]))
     """
     scale = _check_inputs(q, k, v, scale, prefix_valid)
-    backend = resolve_backend(backend, q, k, v)
+    backend = resolve_backend(backend, q, k, v, op="local_attention")
     B, Hq, T, _ = q.shape
     if T == 0:
         return q.new_zeros(B, Hq, 0, v.shape[3]), torch.zeros(B, Hq, 0, device=q.device)

@@ -112,7 +112,7 @@ def memory_attention(
         (torch.Size([2, 8, 5, 64]), torch.Size([2, 8, 5]))
     """
     scale = _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary_cos, rotary_sin)
-    backend = resolve_backend(backend, q, mem_keys, mem_values, indices)
+    backend = resolve_backend(backend, q, mem_keys, mem_values, indices, op="memory_attention")
     B, Hq, T, _ = q.shape
     if T == 0 or mem_keys.shape[2] == 0:  # nothing to gather: every query is empty
         return (q.new_zeros(B, Hq, T, mem_values.shape[3]),

@@ -1,4 +1,4 @@
-from .dispatch import interpreter_enabled, load_triton_module, resolve_backend, triton_installed
+from .dispatch import NATIVE_OPS, interpreter_enabled, load_triton_module, resolve_backend, triton_installed
 from .guards import (
     FLOAT_DTYPES,
     check_choice,
@@ -7,9 +7,11 @@ from .guards import (
     check_same_device,
     check_tensor,
 )
+from .renames import renamed_argument
 
 __all__ = [
     "FLOAT_DTYPES",
+    "NATIVE_OPS",
     "check_choice",
     "check_finite",
     "check_positive_int",
@@ -17,6 +19,7 @@ __all__ = [
     "check_tensor",
     "interpreter_enabled",
     "load_triton_module",
+    "renamed_argument",
     "resolve_backend",
     "triton_installed",
 ]
