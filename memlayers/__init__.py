@@ -24,9 +24,9 @@ _HF_EXPORTS = ("attach", "detach", "memorize", "reset_memory", "save_pretrained"
 
 def __getattr__(name):
     if name in _HF_EXPORTS:
-        from . import models
+        from . import hf
 
-        return getattr(models, name)
+        return getattr(hf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -100,7 +100,7 @@ def main() -> int:
     print()
     print("memlayers demo 2/2: a HuggingFace model with kNN memory attached")
     try:
-        from .models.demo import run_demo
+        from .hf.demo import run_demo
     except ImportError as e:  # transformers missing: pip install memlayers[hf]
         print(f"skipped: {e}")
         return 0

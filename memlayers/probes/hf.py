@@ -21,7 +21,7 @@ class ModelLoadError(ValueError):
 
 
 class MemoryUnavailableError(RuntimeError):
-    """memlayers.models (the HuggingFace integration) is not available in this installation."""
+    """memlayers.hf (the HuggingFace integration) is not available in this installation."""
 
 
 def _looks_like_path(name: str) -> bool:
@@ -69,14 +69,14 @@ def attach_memory(model, kind: str, options: Optional[Dict] = None) -> Dict:
             raise ValueError(f"memory options {sorted(options)} given without a memory (memory='none')")
         return {"kind": "none"}
     try:
-        from .. import models as hf_models
+        from .. import hf
 
-        attach = hf_models.attach
+        attach = hf.attach
         config_cls = {"knn": "KNNMemoryConfig", "titans": "TitansMemoryConfig"}[kind]
-        cls = getattr(hf_models, config_cls)
+        cls = getattr(hf, config_cls)
     except (ImportError, AttributeError) as e:
         raise MemoryUnavailableError(
-            f"memory={kind!r} needs memlayers.models (the HuggingFace integration: attach, {config_cls}), "
+            f"memory={kind!r} needs memlayers.hf (the HuggingFace integration: attach, {config_cls}), "
             f"which is not available in this installation: {e}"
         ) from e
     try:
@@ -103,7 +103,7 @@ class HFResponder:
 
     Without memory the model reads ``context + query`` and continues. With memory attached
     (``memory=True``) each sample starts from a reset memory, the context is written into it with
-    ``memlayers.models.memorize`` (in ``chunk_size`` pieces) and the model then generates from the
+    ``memlayers.hf.memorize`` (in ``chunk_size`` pieces) and the model then generates from the
     query alone, so every fact must come back through the memory.
 
     Args:
@@ -137,7 +137,7 @@ class HFResponder:
             raise TypeError(f"sample must be a ProbeSample, got {type(sample).__name__}")
         device = next(self.model.parameters()).device
         if self.memory:
-            from ..models import memorize, reset_memory
+            from ..hf import memorize, reset_memory
 
             context = self.tokenizer.encode(sample.context, add_special_tokens=True)
             reset_memory(self.model)

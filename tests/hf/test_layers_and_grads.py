@@ -1,7 +1,7 @@
 """Titans and DKVB attachments start as no-ops; gradients reach what trains, never the stores."""
 import torch
 
-import memlayers.models as mm
+import memlayers.hf as mm
 from memlayers.ops.utils.testing import rel_err
 
 from hf_tiny import VOCAB, logits, tiny_model

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import memlayers.models as mm
+import memlayers.hf as mm
 from memlayers.ops.utils.testing import rel_err
 
 from hf_tiny import VOCAB, logits, tiny_model

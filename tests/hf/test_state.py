@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-import memlayers.models as mm
+import memlayers.hf as mm
 from memlayers.ops.utils.testing import rel_err
 
 from hf_tiny import VOCAB, logits, tiny_model
@@ -51,7 +51,7 @@ def test_batch_size_is_fixed_until_a_full_reset():
 
 LOAD_SCRIPT = textwrap.dedent("""
     import sys, torch
-    import memlayers.models as mm
+    import memlayers.hf as mm
     torch.set_num_threads(1)
     model = mm.from_pretrained(sys.argv[1]).eval()
     ids = torch.load(sys.argv[2])

@@ -2,7 +2,7 @@
 
 A family names the decoder layers, the attention module inside a layer, the module that turns
 position ids into position information, and the head geometry. Llama, Mistral, Qwen2 and Qwen3
-share one layout (``llama.py``), GPT-2 has its own (``gpt2.py``).
+share one layout (``LLAMA``), GPT-2 has its own (``GPT2``).
 """
 from __future__ import annotations
 
@@ -24,15 +24,54 @@ class Family:
     max_positions: Callable[[object], int]           # config -> learned positions (0: unlimited)
 
 
-def family_of(model: nn.Module) -> Family:
-    from . import gpt2, llama
+def _llama_heads(config):
+    q = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or q
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // q
+    return q, kv, head_dim
 
+
+def _gpt2_heads(config):
+    head_dim = config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads, config.num_attention_heads, head_dim
+
+
+# Rotary embedding applied inside attention, grouped-query heads, ``model.layers[i].self_attn``,
+# ``model.rotary_emb``.
+LLAMA = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    layers=lambda base: base.layers,
+    attention_attr="self_attn",
+    position_attr="rotary_emb",
+    rotary=True,
+    heads=_llama_heads,
+    max_positions=lambda config: 0,
+)
+
+# Learned absolute positions (``transformer.wpe``), no rotary embedding, multi-head attention in
+# ``transformer.h[i].attn``.
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    layers=lambda base: base.h,
+    attention_attr="attn",
+    position_attr="wpe",
+    rotary=False,
+    heads=_gpt2_heads,
+    max_positions=lambda config: config.max_position_embeddings,
+)
+
+FAMILIES = (LLAMA, GPT2)
+
+
+def family_of(model: nn.Module) -> Family:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    for fam in (llama.FAMILY, gpt2.FAMILY):
+    for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
-    supported = sorted(t for fam in (llama.FAMILY, gpt2.FAMILY) for t in fam.model_types)
+    supported = sorted(t for fam in FAMILIES for t in fam.model_types)
     raise ValueError(f"model: memlayers attaches to model types {supported}, got {model_type!r}")
 
 

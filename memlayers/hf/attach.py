@@ -6,9 +6,11 @@ from typing import List, Sequence, Union
 
 from torch import nn
 
+from . import knn_attach, layer_attach
+from .attention import WRAPPERS, register
 from .config import is_config, resolve_layers
 from .families import base_model, family_of
-from .state import ATTR, Attachment, MemoryState, Slot, get_state, install, uninstall
+from .state import ATTR, Attachment, MemoryState, get_state, install, uninstall
 
 
 def _as_list(config) -> List:
@@ -24,10 +26,7 @@ def _as_list(config) -> List:
     return configs
 
 
-def _builders():
-    from . import knn_attach, layer_attach
-
-    return {"knn": knn_attach.build, **layer_attach.BUILDERS}
+BUILDERS = {"knn": knn_attach.build, **layer_attach.BUILDERS}
 
 
 def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Module:
@@ -54,7 +53,6 @@ def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Modu
     family = family_of(model)
     configs = _as_list(config)
     state = get_state(model, required=False)
-    builders = _builders()
     decoder = family.layers(base_model(model))
 
     # Validate everything before touching the model.
@@ -68,8 +66,6 @@ def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Modu
             taken.add((c.kind, i))
         plans.append(dataclasses.replace(c, layers=layers))
     if any(c.kind == "knn" for c in plans) and (state is None or state.base_attn is None):
-        from .attention import register
-
         register(model.config._attn_implementation)  # raises for an unsupported implementation
 
     # Build every wrapper before installing any: a failing build leaves the model as it was.
@@ -80,7 +76,7 @@ def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Modu
     built = []
     try:
         for c in plans:
-            built.append(Attachment(config=c, slots=builders[c.kind](model, c, state)))
+            built.append(Attachment(config=c, slots=BUILDERS[c.kind](model, c, state)))
             state.building.extend(built[-1].slots)
     except Exception:
         state.base_attn, state.position_slot = saved
@@ -99,29 +95,8 @@ def detach(model: nn.Module) -> nn.Module:
     implementation are back, and its outputs are bit-identical to before ``attach``. Returns it."""
     state = get_state(model)
     uninstall(model, state)
-    from .attention import WRAPPERS
-
     for wrapper in state.wrappers("knn"):
         WRAPPERS.pop(wrapper.base_layer, None)
     del model.__dict__[ATTR]
     return model
 
-
-def original(module: nn.Module) -> nn.Module:
-    """The model's own module under any memlayers wrappers."""
-    while getattr(module, "_memlayers_wrapper", False):
-        module = module.base_layer
-    return module
-
-
-def position_slot(model: nn.Module, state: MemoryState) -> Slot:
-    """The model-wide ``PositionShift`` (created by the first kNN attachment)."""
-    if state.position_slot is None:
-        from .positions import PositionShift
-
-        fam = state.family
-        base = base_model(model)
-        wrapper = PositionShift(getattr(base, fam.position_attr), rotary=fam.rotary,
-                                max_positions=fam.max_positions(model.config))
-        state.position_slot = Slot(parent=base, attr=fam.position_attr, wrapper=wrapper, layer=-1)
-    return state.position_slot

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import memlayers.models as mm
+import memlayers.hf as mm
 
 from hf_tiny import VOCAB, tiny_model
 

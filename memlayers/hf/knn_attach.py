@@ -3,10 +3,30 @@ from __future__ import annotations
 
 from typing import List
 
-from .attach import original, position_slot
+from torch import nn
+
 from .families import base_model
 from .knn import KNNAttention
+from .positions import PositionShift
 from .state import MemoryState, Slot
+
+
+def original(module: nn.Module) -> nn.Module:
+    """The model's own module under any memlayers wrappers."""
+    while getattr(module, "_memlayers_wrapper", False):
+        module = module.base_layer
+    return module
+
+
+def position_slot(model: nn.Module, state: MemoryState) -> Slot:
+    """The model-wide ``PositionShift`` (created by the first kNN attachment)."""
+    if state.position_slot is None:
+        fam = state.family
+        base = base_model(model)
+        wrapper = PositionShift(getattr(base, fam.position_attr), rotary=fam.rotary,
+                                max_positions=fam.max_positions(model.config))
+        state.position_slot = Slot(parent=base, attr=fam.position_attr, wrapper=wrapper, layer=-1)
+    return state.position_slot
 
 
 def build(model, config, state: MemoryState) -> List[Slot]:
