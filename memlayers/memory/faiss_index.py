@@ -1,4 +1,4 @@
-"""FAISS indexes behind ``KNNMemory(backend="faiss")``: one index per (batch row, kv-head).
+"""FAISS indexes behind ``KNNMemory(index="flat"|"ivf"|"hnsw")``: one index per (batch row, kv-head).
 
 Slot ids stay in step with the ring buffer in one of two ways:
 - *incremental* (CPU Flat and IVF-Flat): each vector is added with its slot id, and an overwritten
@@ -24,7 +24,7 @@ def _faiss():
     try:
         import faiss
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("KNNMemory(backend='faiss') needs faiss: pip install memlayers[faiss]") from e
+        raise ImportError("KNNMemory(index='flat'|'ivf'|'hnsw') needs faiss: pip install memlayers[faiss]") from e
     return faiss
 
 
@@ -204,20 +204,59 @@ class FaissIndexSet:
         out["stale"] = torch.from_numpy(self.stale.astype(np.uint8))
         return out
 
-    def deserialize(self, blobs: Dict[str, torch.Tensor], keys_buf: torch.Tensor, count: torch.Tensor) -> None:
-        """Restore from ``serialize``'s output; with none (a state dict without FAISS entries), rebuild."""
+    def parse(self, blobs: Dict[str, torch.Tensor], count: torch.Tensor) -> Tuple[list, np.ndarray]:
+        """Read ``serialize``'s output for rows with ``count`` ([B]) valid slots, without adopting it.
+
+        Returns ``(indexes, stale)`` for ``adopt``. Raises ``ValueError`` naming the entry when one is
+        missing, cannot be read, or describes another configuration (dimension, metric, index kind,
+        vector count).
+        """
         faiss = _faiss()
+        wanted = {f"{b}.{h}" for b in range(self.B) for h in range(self.H)} | {"stale"}
+        if set(blobs) != wanted:
+            missing, extra = sorted(wanted - set(blobs)), sorted(set(blobs) - wanted)
+            raise ValueError(f"the FAISS entries do not match {self.B} rows x {self.H} heads "
+                             f"(missing {missing[:4]}, unexpected {extra[:4]})")
+        stale = blobs["stale"]
+        if tuple(stale.shape) != (self.B, self.H) or stale.dtype != torch.uint8:
+            raise ValueError(f"faiss.stale has shape {tuple(stale.shape)} and dtype {stale.dtype}, "
+                             f"expected ({self.B}, {self.H}) uint8")
+        stale = stale.cpu().numpy().astype(bool)
+        counts = count.cpu().tolist()
+        kind = type(self._new_cpu_index())
+        indexes = []
+        for b in range(self.B):
+            row = []
+            for h in range(self.H):
+                blob = blobs[f"{b}.{h}"]
+                if blob.dtype != torch.uint8 or blob.dim() != 1:
+                    raise ValueError(f"faiss.{b}.{h} must be a 1-D uint8 tensor, got {blob.dtype} {tuple(blob.shape)}")
+                try:
+                    index = faiss.deserialize_index(blob.cpu().numpy())
+                except RuntimeError as e:
+                    raise ValueError(f"faiss.{b}.{h} is not a readable FAISS index ({str(e).splitlines()[0]})") from None
+                if type(index) is not kind or index.d != self.D or index.metric_type != self._faiss_metric:
+                    raise ValueError(f"faiss.{b}.{h} is a {type(index).__name__} of dimension {index.d}, metric "
+                                     f"{index.metric_type}; this memory needs a {kind.__name__} of dimension "
+                                     f"{self.D}, metric {self._faiss_metric}")
+                expected = 0 if not index.is_trained else counts[b]
+                if not stale[b, h] and index.ntotal != expected:
+                    raise ValueError(f"faiss.{b}.{h} holds {index.ntotal} vectors, but row {b} holds {expected}")
+                row.append(index)
+            indexes.append(row)
+        return indexes, stale
+
+    def adopt(self, indexes: list, stale: np.ndarray) -> None:
+        """Use what ``parse`` read."""
+        self.indexes = [[self._to_device(index) for index in row] for row in indexes]
+        self.stale = stale
+
+    def rebuild(self, keys_buf: torch.Tensor, count: torch.Tensor) -> None:
+        """Rebuild every index from the buffer (a state dict without FAISS entries)."""
         counts = count.cpu().tolist()
         for b in range(self.B):
             for h in range(self.H):
-                key = f"{b}.{h}"
-                if key in blobs:
-                    cpu_index = faiss.deserialize_index(blobs[key].cpu().numpy())
-                    self.indexes[b][h] = self._to_device(cpu_index)
-                else:
-                    self._fill(b, h, keys_buf, counts[b])
-        if "stale" in blobs:
-            self.stale = blobs["stale"].cpu().numpy().astype(bool).reshape(self.B, self.H)
+                self._fill(b, h, keys_buf, counts[b])
 
     def nbytes(self) -> int:
         total = 0

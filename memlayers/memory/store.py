@@ -23,10 +23,11 @@ from torch import nn
 from ..ops.knn_search import METRICS, knn_search
 from ..ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
 from ..ops.utils.guards import same_device
+from .names import FAISS_INDEXES, store_names, upgrade_config
+from .protocol import MemoryModule, row_mask
 from .result import KNNSearchResult
+from .state import STATE_NAMES, check_state
 
-BACKENDS = ("exact", "faiss")
-INDEX_TYPES = ("flat", "ivf", "hnsw")
 _FORMAT = "memlayers.KNNMemory/1"
 
 
@@ -43,7 +44,7 @@ def _key_layout(keys: torch.Tensor) -> torch.Tensor:
     return keys.contiguous()
 
 
-class KNNMemory(nn.Module):
+class KNNMemory(nn.Module, MemoryModule):
     """A kNN memory of past (key, value) pairs, one ring buffer per batch row and kv-head.
 
     Args:
@@ -52,15 +53,24 @@ class KNNMemory(nn.Module):
         dim: D, key dimension (1..256).
         value_dim: Dv, value dimension (default D).
         capacity: C, slots per row; the oldest entries are evicted first once full.
-        backend: ``"exact"`` (fused exact top-k, ``ml.knn_search``) or ``"faiss"``.
+        index: what is searched: ``"exact"`` (exact top-k over the buffers, ``ml.knn_search``; the
+            default) or a FAISS index: ``"flat"``, ``"ivf"`` (IVF-Flat) or ``"hnsw"``.
         metric: ``"ip"``, ``"cosine"`` or ``"l2"`` (scores are higher-is-better; l2 gives ``-||q-k||^2``).
-        index: FAISS index type for ``backend="faiss"``: ``"flat"``, ``"ivf"`` (IVF-Flat) or ``"hnsw"``.
         index_options: FAISS options: ``nlist`` (IVF lists, default 64), ``nprobe`` (default 8),
             ``train_size`` (vectors needed before an IVF index trains; exact search until then;
             default ``max(39 * nlist, 256)``), ``hnsw_m`` (default 32), ``ef_search`` (default 64),
             ``use_gpu`` (default: when faiss has GPUs and the memory is on CUDA).
+        backend: the compute backend of the exact search, passed to ``ml.knn_search``: ``"auto"``,
+            ``"torch"``, ``"triton"`` or ``"native"``.
         device, dtype: where the buffers live and their dtype (fp32, fp16 or bf16).
-        search_backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the exact search.
+        search_backend: deprecated spelling of ``backend``; ``backend="exact"|"faiss"`` is the
+            deprecated spelling of ``index`` (see ``memlayers/memory/names.py``).
+
+    A memory module (``memlayers.memory.protocol``): its state is its buffers, so it moves with
+    ``.to()`` and saves and loads through ``state_dict()``; ``load_state_dict`` accepts the state of
+    another batch size or capacity (the buffers are rebuilt to fit), and checks everything it reads
+    before it changes anything. ``reset`` (alias ``reset_memory``) forgets chosen rows, ``bind_batch``
+    gives the memory a new number of empty rows.
 
     The ``keys`` buffer is ``[B, H, C, D]`` everywhere, but on CPU it is a view of a dim-major
     ``[B, H, D, C]`` buffer (fast exact decode search), so use ``reshape`` rather than ``view`` on it.
@@ -82,13 +92,13 @@ class KNNMemory(nn.Module):
         value_dim: Optional[int] = None,
         *,
         capacity: int = 4096,
-        backend: str = "exact",
+        index: Optional[str] = None,
         metric: str = "ip",
-        index: str = "flat",
         index_options: Optional[dict] = None,
+        backend: str = "auto",
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
-        search_backend: str = "auto",
+        search_backend: Optional[str] = None,
     ):
         super().__init__()
         check_positive_int("batch_size", batch_size)
@@ -98,33 +108,34 @@ class KNNMemory(nn.Module):
             raise ValueError(f"dim must be in 1..256, got {dim}")
         value_dim = dim if value_dim is None else check_positive_int("value_dim", value_dim)
         check_positive_int("capacity", capacity)
-        check_choice("backend", backend, BACKENDS)
+        index, backend = store_names(index, backend, search_backend)
         check_choice("metric", metric, METRICS)
-        check_choice("index", index, INDEX_TYPES)
-        check_choice("search_backend", search_backend, ("auto", "torch", "triton"))
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
         device = torch.device("cpu") if device is None else torch.device(device)
 
-        self.batch_size, self.heads, self.dim, self.value_dim = batch_size, heads, dim, value_dim
-        self.capacity, self.backend, self.metric, self.index_type = capacity, backend, metric, index
+        self.heads, self.dim, self.value_dim = heads, dim, value_dim
+        self.index, self.backend, self.metric = index, backend, metric
         self.index_options = dict(index_options or {})
-        self.search_backend = search_backend
+        self._allocate(batch_size, capacity, device, dtype)
 
-        B, H, C = batch_size, heads, capacity
-        self.register_buffer("keys", _key_layout(torch.zeros(B, H, C, dim, device=device, dtype=dtype)))
-        self.register_buffer("values", torch.zeros(B, H, C, value_dim, device=device, dtype=dtype))
+    def _allocate(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        """(Re)build empty buffers (and FAISS indexes) for ``batch_size`` rows of ``capacity`` slots."""
+        B, H, C = batch_size, self.heads, capacity
+        index_set = None
+        if self.index in FAISS_INDEXES:  # built first: bad index_options fail before anything changes
+            from .faiss_index import FaissIndexSet
+
+            index_set = FaissIndexSet(B, H, self.dim, C, self.metric, self.index, self.index_options, device)
+        self.batch_size, self.capacity = batch_size, capacity
+        self.register_buffer("keys", _key_layout(torch.zeros(B, H, C, self.dim, device=device, dtype=dtype)))
+        self.register_buffer("values", torch.zeros(B, H, C, self.value_dim, device=device, dtype=dtype))
         self.register_buffer("positions", torch.full((B, C), -1, device=device, dtype=torch.long))
         self.register_buffer("count", torch.zeros(B, device=device, dtype=torch.long))
         self.register_buffer("write_ptr", torch.zeros(B, device=device, dtype=torch.long))
         self.register_buffer("next_position", torch.zeros(B, device=device, dtype=torch.long))
-
-        self._index = None
-        if backend == "faiss":
-            from .faiss_index import FaissIndexSet
-
-            self._index = FaissIndexSet(B, H, dim, C, metric, index, self.index_options, device)
+        self._index = index_set
 
     def _apply(self, fn, recurse=True):
         # .to(device) keeps strides: lay the keys out for the new device.
@@ -141,13 +152,18 @@ class KNNMemory(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.keys.dtype
 
+    @property
+    def memory_batch_size(self) -> int:
+        """The batch rows the memory holds (the memory-state protocol's name for ``batch_size``)."""
+        return self.batch_size
+
     def config(self) -> dict:
         """Constructor arguments (JSON-serializable) that rebuild an empty memory of this shape."""
         return {
             "batch_size": self.batch_size, "heads": self.heads, "dim": self.dim, "value_dim": self.value_dim,
-            "capacity": self.capacity, "backend": self.backend, "metric": self.metric, "index": self.index_type,
-            "index_options": self.index_options, "dtype": str(self.dtype).replace("torch.", ""),
-            "search_backend": self.search_backend,
+            "capacity": self.capacity, "index": self.index, "metric": self.metric,
+            "index_options": self.index_options, "backend": self.backend,
+            "dtype": str(self.dtype).replace("torch.", ""),
         }
 
     def nbytes(self) -> int:
@@ -159,7 +175,7 @@ class KNNMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"batch_size={self.batch_size}, heads={self.heads}, dim={self.dim}, value_dim={self.value_dim}, "
-                f"capacity={self.capacity}, backend={self.backend!r}, metric={self.metric!r}")
+                f"capacity={self.capacity}, index={self.index!r}, metric={self.metric!r}, backend={self.backend!r}")
 
     # ------------------------------------------------------------------ validation
     def _check_float(self, name: str, x, shape) -> None:
@@ -178,27 +194,6 @@ class KNNMemory(nn.Module):
         if T and bool((positions < 0).any()):
             raise ValueError("positions must be non-negative")
         return positions.long()
-
-    def _rows_mask(self, rows) -> torch.Tensor:
-        B = self.batch_size
-        if rows is None:
-            return torch.ones(B, dtype=torch.bool, device=self.device)
-        if isinstance(rows, int) and not isinstance(rows, bool):
-            rows = torch.tensor([rows])
-        if isinstance(rows, (list, tuple)):
-            rows = torch.tensor(rows, dtype=torch.long)
-        check_tensor("rows", rows, ndim=1)
-        if rows.dtype == torch.bool:
-            if rows.shape[0] != B:
-                raise ValueError(f"rows as a boolean mask must have shape ({B},), got {tuple(rows.shape)}")
-            return rows.to(self.device)
-        if rows.is_floating_point() or rows.is_complex():
-            raise TypeError(f"rows must be integer row ids or a boolean mask, got dtype {rows.dtype}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= B):
-            raise ValueError(f"rows must be row ids in 0..{B - 1}, got {rows.tolist()}")
-        mask = torch.zeros(B, dtype=torch.bool, device=self.device)
-        mask[rows.to(self.device)] = True
-        return mask
 
     # ------------------------------------------------------------------ writing
     @torch.no_grad()
@@ -246,11 +241,13 @@ class KNNMemory(nn.Module):
 
     @torch.no_grad()
     def reset(self, rows=None) -> None:
-        """Empty the chosen rows (None: all; row ids, or a ``[B]`` boolean mask), e.g. at document boundaries.
+        """Empty the chosen rows, e.g. at document boundaries; the others are left exactly as they were.
 
-        Other rows are left exactly as they were.
+        Args:
+            rows: None (all), an int row id, a sequence or 1-D tensor of row ids, or a ``[B]`` boolean
+                mask (tensor or list of bools); read by ``memlayers.memory.protocol.row_mask``.
         """
-        mask = self._rows_mask(rows)
+        mask = row_mask(rows, self.batch_size, self.device)
         self.keys[mask] = 0
         self.values[mask] = 0
         self.positions[mask] = -1
@@ -259,6 +256,15 @@ class KNNMemory(nn.Module):
         self.next_position[mask] = 0
         if self._index is not None:
             self._index.reset_rows(mask.nonzero().flatten().tolist())
+
+    def reset_memory(self, rows=None) -> None:
+        """The memory-state protocol's name for ``reset``."""
+        self.reset(rows)
+
+    def bind_batch(self, batch_size: int) -> None:
+        """Give the memory ``batch_size`` empty rows (what it held is dropped), on its device and dtype."""
+        check_positive_int("batch_size", batch_size)
+        self._allocate(batch_size, self.capacity, self.device, self.dtype)
 
     # ------------------------------------------------------------------ reading
     @torch.no_grad()
@@ -288,7 +294,7 @@ class KNNMemory(nn.Module):
             scores, indices = self._index.search(queries, k, self.keys, self.count)
         else:
             scores, indices = knn_search(queries, self.keys, k, valid_lengths=self.count,
-                                         metric=self.metric, backend=self.search_backend)
+                                         metric=self.metric, backend=self.backend)
         mask = indices >= 0
         safe = indices.clamp_min(0)
         positions = self.positions.gather(1, safe.reshape(B, -1)).reshape(B, Hq, T, k).masked_fill(~mask, -1)
@@ -307,8 +313,8 @@ class KNNMemory(nn.Module):
         return out.masked_fill(~mask[..., None], 0)
 
     # ------------------------------------------------------------------ persistence
-    # FAISS indexes travel in the state dict as uint8 tensors ("faiss.<row>.<head>"), so that a
-    # memory inside a model saves with safetensors like any other weight.
+    # FAISS indexes travel in the state dict as uint8 tensors ("faiss.<row>.<head>", "faiss.stale"), so
+    # that a memory inside a model saves with safetensors like any other weight.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._index is not None:
@@ -316,14 +322,36 @@ class KNNMemory(nn.Module):
                 destination[f"{prefix}faiss.{key}"] = blob
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Everything is checked before anything changes: on a problem the memory is left as it was.
         tag = f"{prefix}faiss."
         blobs = {k[len(tag):]: v for k, v in state_dict.items() if k.startswith(tag)}
         rest = {k: v for k, v in state_dict.items() if not k.startswith(tag)}
+        state = {name: rest[prefix + name] for name in STATE_NAMES if prefix + name in rest}
+        if not state:  # nothing of this memory in the state dict: the base class reports missing keys
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            return
+        try:
+            B, C = check_state(state, self.heads, self.dim, self.value_dim)
+            parsed = None
+            if self._index is not None and blobs:
+                from .faiss_index import FaissIndexSet
+
+                target = FaissIndexSet(B, self.heads, self.dim, C, self.metric, self.index, self.index_options, self.device)
+                parsed = target.parse(blobs, state["count"])
+        except ValueError as e:
+            error_msgs.append(f"KNNMemory {prefix.rstrip('.') or '(root)'}: {e}")
+            return
+        if (B, C) != (self.batch_size, self.capacity):
+            self._allocate(B, C, self.device, self.dtype)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.keys = _key_layout(self.keys)  # load_state_dict(assign=True) takes the given tensor's strides
         if blobs and self._index is None and strict:
             unexpected_keys.extend(tag + k for k in blobs)
         if self._index is not None:
-            self._index.deserialize(blobs, self.keys, self.count)
+            if parsed is not None:
+                self._index.adopt(*parsed)
+            else:
+                self._index.rebuild(self.keys, self.count)
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the memory (buffers, configuration, FAISS indexes) to a safetensors file."""
@@ -342,7 +370,7 @@ class KNNMemory(nn.Module):
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path} is not a saved KNNMemory (format {meta.get('format')!r})")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-        config = json.loads(meta["config"])
+        config = upgrade_config(json.loads(meta["config"]))
         config["dtype"] = getattr(torch, config["dtype"])
         mem = cls(**config, device=device)
         mem.load_state_dict(tensors)

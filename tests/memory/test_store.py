@@ -9,11 +9,11 @@ import memlayers as ml
 pytest.importorskip("faiss")
 
 BACKENDS = [
-    dict(backend="exact", search_backend="torch"),
-    dict(backend="exact", search_backend="triton"),
-    dict(backend="faiss", index="flat"),
-    dict(backend="faiss", index="ivf", index_options=dict(nlist=4, nprobe=4, train_size=40)),
-    dict(backend="faiss", index="hnsw"),
+    dict(index="exact", backend="torch"),
+    dict(index="exact", backend="triton"),
+    dict(index="flat"),
+    dict(index="ivf", index_options=dict(nlist=4, nprobe=4, train_size=40)),
+    dict(index="hnsw"),
 ]
 IDS = ["exact-torch", "exact-triton", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
 
@@ -54,7 +54,7 @@ def test_values_stay_paired_with_keys_after_wraparound(opts):
 
 @pytest.mark.parametrize("opts", BACKENDS[2:], ids=IDS[2:])
 def test_faiss_matches_exact(opts):
-    exact = ml.KNNMemory(2, 2, 32, capacity=300, search_backend="torch")
+    exact = ml.KNNMemory(2, 2, 32, capacity=300, backend="torch")
     other = ml.KNNMemory(2, 2, 32, capacity=300, **opts)
     for _ in range(5):
         keys, values = torch.randn(2, 2, 80, 32), torch.randn(2, 2, 80, 32)
@@ -72,8 +72,8 @@ def test_faiss_matches_exact(opts):
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_faiss_flat_metrics_match_exact(metric):
-    exact = ml.KNNMemory(1, 1, 16, capacity=64, metric=metric, search_backend="torch")
-    flat = ml.KNNMemory(1, 1, 16, capacity=64, metric=metric, backend="faiss")
+    exact = ml.KNNMemory(1, 1, 16, capacity=64, metric=metric, backend="torch")
+    flat = ml.KNNMemory(1, 1, 16, capacity=64, metric=metric, index="flat")
     keys = torch.randn(1, 1, 100, 16)
     exact.add(keys, keys)
     flat.add(keys, keys)
@@ -84,7 +84,7 @@ def test_faiss_flat_metrics_match_exact(metric):
 
 
 def test_partial_memory_marks_missing():
-    mem = ml.KNNMemory(2, 1, 8, capacity=100, search_backend="torch")
+    mem = ml.KNNMemory(2, 1, 8, capacity=100, backend="torch")
     mem.add(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
     res = mem.search(torch.randn(2, 1, 2, 8), k=5)
     assert res.mask.sum(-1).tolist() == [[[3, 3]], [[3, 3]]]
@@ -93,7 +93,7 @@ def test_partial_memory_marks_missing():
 
 
 def test_add_longer_than_capacity_keeps_newest():
-    mem = ml.KNNMemory(1, 1, 4, capacity=10, search_backend="torch")
+    mem = ml.KNNMemory(1, 1, 4, capacity=10, backend="torch")
     values = torch.arange(25, dtype=torch.float32).reshape(1, 1, 25, 1).expand(1, 1, 25, 4).contiguous()
     mem.add(torch.randn(1, 1, 25, 4), values)
     assert sorted(mem.values[0, 0, :, 0].long().tolist()) == list(range(15, 25))
@@ -102,7 +102,7 @@ def test_add_longer_than_capacity_keeps_newest():
 
 
 def test_explicit_positions():
-    mem = ml.KNNMemory(2, 1, 4, capacity=10, search_backend="torch")
+    mem = ml.KNNMemory(2, 1, 4, capacity=10, backend="torch")
     mem.add(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), positions=torch.tensor([[7, 8, 9], [100, 101, 102]]))
     assert mem.positions[:, :3].tolist() == [[7, 8, 9], [100, 101, 102]]
     assert mem.next_position.tolist() == [10, 103]
@@ -187,7 +187,7 @@ def test_load_rejects_other_files(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_memory(dtype):
-    mem = ml.KNNMemory(1, 2, 16, capacity=40, dtype=dtype, search_backend="torch")
+    mem = ml.KNNMemory(1, 2, 16, capacity=40, dtype=dtype, backend="torch")
     keys = torch.randn(1, 2, 30, 16, dtype=dtype)
     mem.add(keys, keys)
     res = mem.search(keys[:, :, :3], k=1)
@@ -244,9 +244,10 @@ def test_bad_input_leaves_memory_unchanged(call, exc, match, opts):
         (dict(batch_size=1, heads=1, dim=300), ValueError, "dim"),
         (dict(batch_size=1, heads=1, dim=4, capacity=0), ValueError, "capacity"),
         (dict(batch_size=1, heads=1, dim=4, backend="annoy"), ValueError, "backend"),
+        (dict(batch_size=1, heads=1, dim=4, index="annoy"), ValueError, "index"),
         (dict(batch_size=1, heads=1, dim=4, dtype=torch.float64), TypeError, "dtype"),
-        (dict(batch_size=1, heads=1, dim=4, backend="faiss", index_options={"nlists": 3}), ValueError, "index_options"),
-        (dict(batch_size=1, heads=1, dim=4, backend="faiss", index_options={"use_gpu": True}), ValueError, "GPU"),
+        (dict(batch_size=1, heads=1, dim=4, index="flat", index_options={"nlists": 3}), ValueError, "index_options"),
+        (dict(batch_size=1, heads=1, dim=4, index="flat", index_options={"use_gpu": True}), ValueError, "GPU"),
     ],
 )
 def test_bad_construction(kwargs, exc, match):
@@ -260,7 +261,7 @@ def _rss_bytes():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
-@pytest.mark.parametrize("opts", [dict(backend="exact", search_backend="torch"), dict(backend="faiss", index="flat")],
+@pytest.mark.parametrize("opts", [dict(index="exact", backend="torch"), dict(index="flat")],
                          ids=["exact", "faiss-flat"])
 def test_soak_no_memory_growth(opts):
     mem = ml.KNNMemory(2, 2, 32, capacity=256, **opts)
@@ -280,3 +281,179 @@ def test_soak_no_memory_growth(opts):
     growth = _rss_bytes() - start
     assert growth < 8 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 2000 add/search cycles"
     assert ptrs == [b.data_ptr() for b in mem.buffers()], "buffers were reallocated"
+
+
+# ---------------------------------------------------------------- names (issue 11)
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (dict(backend="exact"), dict(index="exact", backend="auto")),
+        (dict(backend="exact", index="flat", search_backend="torch"), dict(index="exact", backend="torch")),
+        (dict(backend="faiss"), dict(index="flat", backend="auto")),
+        (dict(backend="faiss", index="hnsw"), dict(index="hnsw", backend="auto")),
+        (dict(search_backend="torch"), dict(index="exact", backend="torch")),
+    ],
+)
+def test_old_names_still_work_with_a_deprecation_warning(old, new):
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        mem = ml.KNNMemory(1, 1, 8, capacity=10, **old)
+    assert (mem.index, mem.backend) == (new["index"], new["backend"])
+    assert mem.config()["index"] == new["index"] and "search_backend" not in mem.config()
+
+
+def test_new_names_warn_nothing(recwarn):
+    mem = ml.KNNMemory(1, 1, 8, capacity=10, index="flat", backend="torch")
+    assert (mem.index, mem.backend) == ("flat", "torch")
+    assert ml.KNNMemory(1, 1, 8, capacity=10).index == "exact"
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(backend="faiss", index="exact"), "contradicts"),
+        (dict(backend="torch", search_backend="triton"), "disagree"),
+        (dict(backend="exact", search_backend="cuda"), "backend"),
+    ],
+)
+def test_contradictory_old_and_new_names(kwargs, match):
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=match):
+        ml.KNNMemory(1, 1, 8, capacity=10, **kwargs)
+
+
+def test_native_backend_reaches_knn_search(monkeypatch):
+    # backend names the compute backend of the exact search: it is what knn_search receives.
+    from memlayers.memory import store
+
+    seen = []
+    real = store.knn_search
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(*args, **{**kwargs, "backend": "torch"})
+
+    monkeypatch.setattr(store, "knn_search", spy)
+    mem = ml.KNNMemory(1, 1, 8, capacity=10, backend="native")
+    mem.add(torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8))
+    mem.search(torch.randn(1, 1, 2, 8), k=2)
+    assert seen == ["native"]
+
+
+def test_file_saved_under_the_old_names_loads(tmp_path):
+    # A file written before the rename: config with backend="faiss"/"exact" and search_backend.
+    import json
+
+    from safetensors.torch import save_file
+
+    for store_name, index, expect in [("exact", "flat", "exact"), ("faiss", "flat", "flat")]:
+        mem = ml.KNNMemory(2, 1, 8, capacity=12, index=expect, backend="torch")
+        stream(mem, steps=2, T=5)
+        config = dict(mem.config(), backend=store_name, index=index, search_backend="torch")
+        path = tmp_path / f"{store_name}.safetensors"
+        tensors = {k: v.contiguous() for k, v in mem.state_dict().items()}
+        save_file(tensors, str(path), metadata={"format": "memlayers.KNNMemory/1", "config": json.dumps(config)})
+        loaded = ml.KNNMemory.load(path)
+        assert (loaded.index, loaded.backend) == (expect, "torch")
+        assert torch.equal(loaded.keys, mem.keys) and torch.equal(loaded.count, mem.count)
+
+
+# ---------------------------------------------------------------- memory-state protocol (issue 11)
+def test_knn_memory_is_a_memory_module():
+    from memlayers.memory.protocol import MemoryModule, memory_modules
+
+    mem = ml.KNNMemory(3, 1, 8, capacity=10)
+    assert isinstance(mem, MemoryModule) and mem.memory_batch_size == 3
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), mem)
+    assert [name for name, _ in memory_modules(model)] == ["1"]
+    assert set(dict(model.named_buffers())) >= {"1.keys", "1.values", "1.count", "1.write_ptr"}
+
+
+@pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2]], ids=["exact", "faiss"])
+def test_reset_memory_is_reset(opts):
+    a = ml.KNNMemory(3, 2, 8, capacity=20, **opts)
+    torch.manual_seed(0)
+    stream(a, steps=2, T=7)
+    b = ml.KNNMemory(3, 2, 8, capacity=20, **opts)
+    b.load_state_dict(a.state_dict())
+    a.reset(torch.tensor([False, True, True]))
+    b.reset_memory([1, 2])
+    assert a.count.tolist() == [14, 0, 0]
+    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2]], ids=["exact", "faiss"])
+def test_bind_batch_gives_empty_rows(opts):
+    mem = ml.KNNMemory(2, 2, 8, capacity=20, **opts)
+    stream(mem, steps=2, T=5)
+    mem.bind_batch(5)
+    assert mem.memory_batch_size == 5 and mem.keys.shape == (5, 2, 20, 8) and mem.keys.stride(-2) == 1
+    assert mem.count.tolist() == [0] * 5 and bool((mem.positions == -1).all())
+    stream(mem, steps=1, T=3)
+    res = mem.search(torch.randn(5, 2, 1, 8), k=4)
+    assert res.mask.sum(-1).flatten().tolist() == [3] * 10
+    with pytest.raises(ValueError, match="batch_size"):
+        mem.bind_batch(0)
+    assert mem.memory_batch_size == 5
+
+
+@pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2], BACKENDS[3], BACKENDS[4]],
+                         ids=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"])
+def test_load_state_dict_of_another_batch_size_and_capacity(opts):
+    src = ml.KNNMemory(3, 2, 16, 8, capacity=45, **opts)
+    stream(src, steps=6, T=11)  # wraps
+    dst = ml.KNNMemory(1, 2, 16, 8, capacity=7, **opts)
+    dst.load_state_dict(src.state_dict())
+    assert (dst.batch_size, dst.capacity) == (3, 45) and dst.keys.stride(-2) == 1
+    for (name, x), (_, y) in zip(src.named_buffers(), dst.named_buffers()):
+        assert torch.equal(x, y), name
+    q = torch.randn(3, 4, 5, 16)
+    a, b = src.search(q, 6), dst.search(q, 6)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+
+
+def _corrupt(state, name, fn):
+    state = {k: v.clone() for k, v in state.items()}
+    state[name] = fn(state[name])
+    return state
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda s: _corrupt(s, "count", lambda c: c + 100), "count"),
+        (lambda s: _corrupt(s, "write_ptr", lambda w: w + 1), "write_ptr"),
+        (lambda s: _corrupt(s, "positions", lambda p: p.fill_(-1)), "positions"),
+        (lambda s: _corrupt(s, "keys", lambda k: k.index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan")))), "keys"),
+        (lambda s: _corrupt(s, "values", lambda v: v[:, :, :, :3]), "values"),
+        (lambda s: _corrupt(s, "keys", lambda k: k[:, :1]), "keys"),
+        (lambda s: _corrupt(s, "count", lambda c: c[:1]), "count"),
+        (lambda s: _corrupt(s, "count", lambda c: c.float()), "count"),
+        (lambda s: {k: v for k, v in s.items() if k != "write_ptr"}, "write_ptr"),
+    ],
+)
+def test_failed_load_state_dict_changes_nothing(damage, match):
+    # The state comes from a memory of another capacity and batch size: a failed load must not have
+    # rebuilt, resized or partly written anything.
+    src = ml.KNNMemory(3, 2, 16, 8, capacity=9, backend="torch")
+    stream(src, steps=1, T=5)  # not full: write_ptr must equal count
+    dst = ml.KNNMemory(2, 2, 16, 8, capacity=20, backend="torch")
+    stream(dst, steps=3, T=9)
+    before = _state(dst)
+    with pytest.raises(RuntimeError, match=match):
+        dst.load_state_dict(damage(src.state_dict()))
+    assert (dst.batch_size, dst.capacity) == (2, 20)
+    after = _state(dst)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_load_state_dict_rejects_a_foreign_faiss_index():
+    src = ml.KNNMemory(1, 2, 16, capacity=30, index="flat")
+    stream(src, steps=2, T=7)
+    state = src.state_dict()
+    state["faiss.0.0"], state["faiss.0.1"] = state["faiss.0.1"], ml.KNNMemory(1, 1, 8, index="flat").state_dict()["faiss.0.0"]
+    dst = ml.KNNMemory(1, 2, 16, capacity=30, index="flat")
+    with pytest.raises(RuntimeError, match="faiss.0.1"):
+        dst.load_state_dict(state)
+    assert int(dst.count[0]) == 0 and dst._index.indexes[0][1].ntotal == 0
