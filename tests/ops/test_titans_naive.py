@@ -105,3 +105,32 @@ def test_long_sequence_stays_finite_linear_and_mlp():
         y, w, s = titans_memory(q, k, v, theta, weights, alpha=alpha, eta=eta, chunk_size=64, backend="torch")
         assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in w + s)
         assert y[:, :, -1000:].abs().max() < 100
+
+
+GATE_ENDS = [0.0, 1e-6, 0.5, 1 - 1e-6, 1.0]
+
+
+def with_gate_ends(inp, alpha_end, eta_end):
+    """Every third token's alpha and every third (shifted) token's eta set to a value at the end of its range."""
+    out = dict(inp)
+    T = inp["q"].shape[2]
+    alpha, eta = inp["alpha"].detach().clone(), inp["eta"].detach().clone()
+    alpha[:, :, 0:T:3] = alpha_end
+    eta[:, :, 1:T:3] = eta_end
+    out["alpha"], out["eta"] = alpha.requires_grad_(True), eta.requires_grad_(True)
+    return out
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("gate_end", GATE_ENDS)
+def test_gate_gradients_at_range_ends_match_recurrence(depth, gate_end):
+    # Gradients of the chunked form (chunk 1 and a real chunk) against autograd of the token
+    # recurrence, which multiplies by the gates directly: no division by a gate anywhere.
+    inp = with_gate_ends(make_inputs(1, 2, 9, 8, 8, depth, requires_grad=True), gate_end, gate_end)
+    ref = run(titans_recurrent_naive, inp)
+    g_ref = torch.autograd.grad(loss_of(ref), [inp["alpha"], inp["eta"]])
+    out = run(titans_chunked_naive, inp, chunk_size=1)
+    g_out = torch.autograd.grad(loss_of(out), [inp["alpha"], inp["eta"]])
+    for n, a, b in zip(("alpha", "eta"), g_out, g_ref):
+        assert torch.isfinite(a).all()
+        assert_rel_close(a, b, 2e-5, f"grad {n} at {gate_end}")

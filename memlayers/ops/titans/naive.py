@@ -13,7 +13,7 @@ specification. ``titans_chunked_naive`` is the parallel mini-batch form the kern
 a chunk of ``C`` tokens every gradient is taken at the chunk-start weights ``W_0``, so the recurrence
 unrolls into cumulative products of the gates::
 
-    A_i = prod_{l<=i} (1 - alpha_l)         B_i = prod_{l<=i} eta_l          (log-space cumsums)
+    A_i = prod_{l<=i} (1 - alpha_l)         B_i = prod_{l<=i} eta_l          (plain products)
     c_ij = sum_{j<=m<=i} (A_i / A_m) (B_m / B_j)      d_i = sum_{m<=i} (A_i / A_m) B_m
     W_i = A_i W_0 + d_i S_0 - sum_{j<=i} c_ij theta_j G_j,     G_j = grad of l_j at W_0
     S_i = B_i S_0 - sum_{j<=i} (B_i / B_j) theta_j G_j
@@ -34,10 +34,6 @@ import torch
 import torch.nn.functional as F
 
 BIASES = ("l2", "lp", "huber")
-# Gates are clamped below by TINY before their log, so a gate of exactly 0 (no momentum carried,
-# full forgetting) stays finite in log space; exp(log(TINY)) is 0 in fp32 arithmetic that follows.
-TINY = 1e-30
-
 State = Tuple[torch.Tensor, ...]
 
 
@@ -96,20 +92,21 @@ def _per_token_grads(weights, k, v, bias, p, delta, eps):
     return xs, ds[::-1]
 
 
-def _lower_ratio(cum: torch.Tensor) -> torch.Tensor:
-    """``[..., n] -> [..., n, n]``: ``exp(cum_i - cum_j)`` for ``j <= i``, 0 above the diagonal.
+def _gate_products(gate: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Products of a chunk's gates ``[..., n]``: ``L [..., n, n]`` and ``P [..., n]``.
 
-    Masked before the exponential so that the upper triangle cannot overflow.
+    ``L_ij = prod_{j<m<=i} gate_m`` for ``j <= i`` (1 on the diagonal, 0 above it) and
+    ``P_i = prod_{m<=i} gate_m``. Plain products, never logs or ratios: a gate of exactly 0 (full
+    forgetting, no momentum) keeps its exact gradient, which no division by the gate could give.
     """
-    n = cum.shape[-1]
-    mask = torch.ones(n, n, dtype=torch.bool, device=cum.device).tril()
-    diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)
-    return torch.exp(diff.masked_fill(~mask, float("-inf")))
-
-
-def _log_cumprod(gate: torch.Tensor) -> torch.Tensor:
-    """``log prod_{l<=i} gate_l`` along the last axis, as a cumsum of logs (gates clamped at TINY)."""
-    return torch.cumsum(torch.log(gate.clamp_min(TINY)), -1)
+    n = gate.shape[-1]
+    idx = torch.arange(n, device=gate.device)
+    # Row i holds gate_m for m <= i and 1 after; a reversed cumprod gives prod_{j<=m<=i} gate_m.
+    rows = torch.where(idx[None, :] <= idx[:, None], gate.unsqueeze(-2), torch.ones_like(gate).unsqueeze(-2))
+    suffix = rows.flip(-1).cumprod(-1).flip(-1)
+    upper = torch.cat([suffix[..., 1:], torch.ones_like(suffix[..., :1])], -1)
+    L = torch.where(idx[None, :] <= idx[:, None], upper, torch.zeros_like(upper))
+    return L, suffix[..., 0]
 
 
 def titans_chunked_naive(
@@ -142,17 +139,13 @@ def titans_chunked_naive(
     for start in range(0, T, chunk_size):
         sl = slice(start, min(T, start + chunk_size))
         Q, K, V, TH = qf[:, :, sl], kf[:, :, sl], vf[:, :, sl], th[:, :, sl]
-        if alpha is not None:
-            la = _log_cumprod(1 - alpha[:, :, sl].float())
-        else:
-            la = torch.zeros_like(TH)
-        LA = _lower_ratio(la)
-        A = torch.exp(la)
+        keep = 1 - alpha[:, :, sl].float() if alpha is not None else torch.ones_like(TH)
+        LA, A = _gate_products(keep)
         if S is not None:
-            lb = _log_cumprod(eta[:, :, sl].float())
-            c = LA @ _lower_ratio(lb)
-            d = (LA @ torch.exp(lb).unsqueeze(-1)).squeeze(-1)
-            s_end = torch.exp(lb[..., -1:] - lb) * TH
+            LB, Bp = _gate_products(eta[:, :, sl].float())
+            c = LA @ LB
+            d = (LA @ Bp.unsqueeze(-1)).squeeze(-1)
+            s_end = LB[..., -1, :] * TH
         else:
             c = LA
         ctheta = c * TH.unsqueeze(-2)
@@ -170,7 +163,7 @@ def titans_chunked_naive(
         newW = [a_end * W[i] - xs[i].transpose(-1, -2) @ (w_end * ds[i]) for i in range(len(W))]
         if S is not None:
             d_end = d[..., -1, None, None]
-            b_end = torch.exp(lb[..., -1, None, None])
+            b_end = Bp[..., -1, None, None]
             newW = [nw + d_end * s for nw, s in zip(newW, S)]
             S = [b_end * S[i] - xs[i].transpose(-1, -2) @ (s_end.unsqueeze(-1) * ds[i]) for i in range(len(W))]
         W = newW
