@@ -77,6 +77,7 @@ extern "C" int memlayers_knn_topk_f32(const float* q, int64_t nq, const float* k
           for (int64_t j = kb; j < kb1; ++j) {
             float score = scale * dot(qi, keys + j * d, d);
             if (key_bias) score += key_bias[j];
+            if (score != score) continue;  // NaN: no match (memlayers' rule; it would break the heap order)
             offer(heap, k, score, j);
           }
         }

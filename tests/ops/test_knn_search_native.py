@@ -54,3 +54,18 @@ def test_native_missing_library_is_explained(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMLAYERS_NATIVE_LIB", str(tmp_path / "missing.so"))
     with pytest.raises(RuntimeError, match="make native"):
         knn_search(torch.randn(1, 1, 2, 16), torch.randn(1, 1, 9, 16), 3, backend="native")
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_native_follows_the_nan_rule(native_lib, metric):
+    """Same rule as the torch and Triton paths (tests/ops/test_nonfinite.py): a NaN score is no match."""
+    q, keys = torch.randn(1, 2, 4, 16), torch.randn(1, 1, 30, 16)
+    keys[0, 0, 5, 1] = float("nan")
+    q[0, 1, 2, 0] = float("nan")
+    s, i = knn_search(q, keys, 5, metric=metric, backend="native")
+    s_ref, i_ref = knn_search(q, keys, 5, metric=metric, backend="torch")
+    assert not bool((i == 5).any())
+    assert bool((i[0, 1, 2] == -1).all()) and bool((s[0, 1, 2] == float("-inf")).all())
+    assert not bool(s.isnan().any())
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(i, i_ref)

@@ -43,6 +43,11 @@ def dkvb_lookup(
     Returns:
         ``(out [B, C, Dv]`` in ``values``' dtype, ``indices [B, C, k]`` int64 nearest first``)``.
 
+    Non-finite values (the same rule in every backend, checked without a host sync): a NaN distance
+    counts as ``+inf``, and a key at ``+inf`` distance is no match. A pick that finds no match has
+    index ``-1`` and makes its output row NaN, with no gradient; so a query row holding NaN gets
+    ``indices == -1`` and a NaN output instead of an arbitrary key.
+
     Example:
         >>> import torch
         >>> from memlayers.ops.dkvb import dkvb_lookup

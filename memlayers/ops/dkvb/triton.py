@@ -56,7 +56,8 @@ def dkvb_fwd_kernel(
         ok = mn
         if HAS_MASK:
             ok = ok & (tl.load(MASK + c * stride_mc + rn, mask=mn, other=0) != 0)
-        dist = tl.where(ok[None, :], dist, float("inf"))
+        # NaN counts as +inf, which never replaces the set's initial +inf: such a key is no match.
+        dist = tl.where(ok[None, :] & (dist == dist), dist, float("inf"))
         for _ in tl.static_range(TOPK):
             cand = tl.min(dist, axis=1)
             cand_col = tl.argmin(dist, axis=1)
@@ -73,15 +74,18 @@ def dkvb_fwd_kernel(
     rdv = tl.arange(0, BLOCK_DV)
     mv = mb[:, None] & (rdv < DV)[None, :]
     acc = tl.zeros((BLOCK_B, BLOCK_DV), dtype=tl.float32)
+    found = rb >= 0
     for j in tl.static_range(TOPK):
         nearest_slot = tl.argmin(best_d, axis=1)
+        hit = tl.min(best_d, axis=1) < float("inf")  # +inf: no match was found for this pick
         pick = slot[None, :] == nearest_slot[:, None]
         row = tl.sum(tl.where(pick, best_i, 0), axis=1)
-        best_d = tl.where(pick, float("inf"), best_d)  # taken: real slots left are finite, so it is never picked again
-        tl.store(IDX + rb64 * stride_ib + c * stride_ic + j, row, mask=mb)
-        v = tl.load(VALS + c * stride_vc + row[:, None] * stride_vn + rdv[None, :], mask=mv, other=0.0)
+        best_d = tl.where(pick, float("inf"), best_d)  # taken: never picked again while matches remain
+        found = found & hit
+        tl.store(IDX + rb64 * stride_ib + c * stride_ic + j, tl.where(hit, row, -1), mask=mb)
+        v = tl.load(VALS + c * stride_vc + row[:, None] * stride_vn + rdv[None, :], mask=mv & hit[:, None], other=0.0)
         acc += v.to(tl.float32)
-    acc = acc / TOPK
+    acc = tl.where(found[:, None], acc / TOPK, float("nan"))
     tl.store(OUT + rb64[:, None] * stride_ob + c * stride_oc + rdv[None, :], acc.to(OUT.dtype.element_ty), mask=mv)
 
 
@@ -116,8 +120,10 @@ def dkvb_bwd(grad_out: torch.Tensor, indices: torch.Tensor, values_shape, values
     """grad_out [B, C, Dv], indices [B, C, k] -> grad of values [C, N, Dv] (zero in rows never fetched)."""
     B, C, k = indices.shape
     _, N, Dv = values_shape
+    # A row with a missing pick (-1) has a NaN output and passes no gradient (as in the naive path).
+    grad_out = grad_out.masked_fill((indices < 0).any(dim=-1, keepdim=True), 0)
     # Row c * N + n of the flattened [C * N, Dv] values; one bag per (b, c) with weights 1 / k.
-    flat_rows = (indices + torch.arange(C, device=indices.device)[None, :, None] * N).reshape(B * C, k)
+    flat_rows = (indices.clamp_min(0) + torch.arange(C, device=indices.device)[None, :, None] * N).reshape(B * C, k)
     grad = embedding_bag_weight_grad(
         grad_out.reshape(B * C, Dv), flat_rows, None, C * N, scale=1.0 / k,
         deterministic=deterministic, out_dtype=values_dtype,

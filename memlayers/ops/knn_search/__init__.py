@@ -41,6 +41,11 @@ def knn_search(
         ``(scores [B, Hq, T, k] fp32, indices [B, Hq, T, k] int64)``, best first; a missing result has
         score ``-inf`` and index ``-1``.
 
+    Non-finite values (the same rule in every backend, checked without a host sync): a slot whose
+    score is NaN (a NaN in its key or in the query, or ``inf - inf``) is no match, never returned,
+    so a query row holding NaN gets only missing results (``-inf``, ``-1``). Infinite scores rank
+    by value; a ``-inf`` score is a missing result too.
+
     Example:
         >>> import torch, memlayers as ml
         >>> q, keys = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 1000, 64)

@@ -76,8 +76,9 @@ def knn_search_naive(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """queries [B, Hq, T, D], keys [B, Hkv, M, D] -> (scores [B, Hq, T, k] fp32, indices [B, Hq, T, k] int64).
 
-    Sorted best first; slots at or past ``valid_lengths`` ([B] or [B, Hkv]) are never returned;
-    missing results are (score -inf, index -1). Not differentiable, like the Triton path.
+    Sorted best first; slots at or past ``valid_lengths`` ([B] or [B, Hkv]) and slots whose score is
+    NaN are never returned; missing results are (score -inf, index -1). Not differentiable, like the
+    Triton path.
     """
     B, Hq, T, D = queries.shape
     Hkv, M = keys.shape[1], keys.shape[2]
@@ -114,6 +115,8 @@ def knn_search_naive(
             s = _score_chunk(qc, kt, buf if qc.shape[2] == chunk else q.new_empty(B, Hkv, qc.shape[2], M))
             if metric == "l2":
                 s.mul_(2).sub_(qc.pow(2).sum(-1, keepdim=True)).sub_(key_sq)
+            # A NaN score (NaN in the query or the key, inf - inf) is no match: -inf, never ahead of a number.
+            torch.nan_to_num_(s, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
             if invalid is not None:
                 s.masked_fill_(invalid, float("-inf"))
             top_s, top_i = _select_topk(s, kk)

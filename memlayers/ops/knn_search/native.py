@@ -77,6 +77,8 @@ def knn_search_native_lib(
                         scores[b, h].data_ptr(), idx[b, h].data_ptr())
             if status != 0:
                 raise RuntimeError(f"native knn search failed with status {status}")
+    missing = scores == float("-inf")  # the library skips NaN scores; -inf is no match either
     if metric == "l2":  # the per-query constant -||q||^2 does not change the ranking
-        scores = scores - q.pow(2).sum(-1, keepdim=True)
+        scores = (scores - q.pow(2).sum(-1, keepdim=True)).masked_fill_(missing, float("-inf"))
+    idx.masked_fill_(missing, -1)
     return scores.reshape(B, Hq, T, k), idx.reshape(B, Hq, T, k)

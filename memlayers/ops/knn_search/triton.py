@@ -100,6 +100,8 @@ def knn_search_fwd_kernel(
         elif METRIC == 2:
             kf = kt.to(tl.float32)
             s = 2.0 * s - q_sq[:, None] - tl.sum(kf * kf, axis=1)[None, :]
+        # NaN scores would pack above every number: they become -inf (no match; the host marks them -1).
+        s = tl.where(s == s, s, float("-inf"))
         tile = tl.where(slot_ok[None, :], _pack(s, slots), empty)
 
         tile_best = tl.max(tile, axis=1)
