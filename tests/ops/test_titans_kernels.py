@@ -5,7 +5,7 @@ import torch
 from memlayers.ops.titans import titans_chunked_naive, titans_memory
 from memlayers.ops.utils.testing import assert_rel_close, poison_, rel_err
 
-from test_titans_naive import leaves, loss_of, make_inputs
+from test_titans_naive import GATE_ENDS, leaves, loss_of, make_inputs, with_gate_ends
 
 
 def to(inp, device):
@@ -69,6 +69,15 @@ def test_linear_kernel_segments_and_head_dims(device, T, chunk, DK, DV):
 def test_mlp_kernel_matches_naive(device, T, chunk, momentum, forget, bias):
     inp = make_inputs(1, 2, T, 16, 16, 2, hidden=24, momentum=momentum, forget=forget)
     compare(inp, device, 1e-5, chunk_size=chunk, bias=bias, delta=0.3, p=2.5)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("gate_end", GATE_ENDS)
+def test_gate_gradients_at_range_ends(device, depth, gate_end):
+    # alpha = 1 (full forgetting) and eta = 0 (no momentum carried) and values next to them: the
+    # kernels' gate gradients must match autograd of the naive path there too.
+    inp = with_gate_ends(make_inputs(1, 1, 21, 16, 16, depth, hidden=16), gate_end, gate_end)
+    compare(inp, device, 1e-5, chunk_size=16)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -114,12 +114,6 @@ def bias_hess(r, BIAS: tl.constexpr, p, delta, eps):
 
 
 @triton.jit
-def rev_cumsum(x):
-    """sum_{k >= i} x_k along axis 0 (written with the forward cumsum, available everywhere)."""
-    return tl.sum(x, 0) - tl.cumsum(x, 0) + x
-
-
-@triton.jit
 def chunk_gates(TH, AL, ET, gbase, t0, T, BC: tl.constexpr, MOMENTUM: tl.constexpr, FORGET: tl.constexpr):
     """Decay/momentum coefficients of the chunk starting at token ``t0`` (see naive.py).
 
@@ -168,6 +162,23 @@ def pick_row(m, is_last):
 
 
 @triton.jit
+def gate_grad(G, dP, L, lcum, gate, BC: tl.constexpr):
+    """``d f / d gate [C]`` for ``f = sum_ij G_ij L_ij + sum_i dP_i P_i``, never dividing by a gate.
+
+    ``L_ij = prod_{j<m<=i} gate_m`` and ``P_i = prod_{m<=i} gate_m`` are held as ``exp`` of the log
+    cumsum ``lcum``. The derivative by ``gate_l`` is the product with ``gate_l`` left out,
+    ``L_il * prod_{j<m<l} gate_m``; both factors exclude ``gate_l``, so a gate of exactly 0 (full
+    forgetting, no momentum) gets its exact gradient, where dividing ``d f / d lcum`` by the gate
+    could not (0/0 at the end of the range, 1/gate error growth near it).
+    """
+    rc = tl.arange(0, BC)
+    lex = lcum - tl.log(tl.maximum(gate, 1e-30))  # log prod_{m<l} gate_m
+    before = tl.exp(tl.where(rc[:, None] > rc[None, :], lex[:, None] - lcum[None, :], float("-inf")))
+    X = tl.dot(G, tl.trans(before), input_precision="ieee") + dP[:, None] * tl.exp(lex)[None, :]
+    return tl.sum(L * X, 0)
+
+
+@triton.jit
 def gates_bwd(
     dct, dw_end, ds_end, dA, dd, db_end,
     th, la, lb, LA, LB, c, Bv, is_last,
@@ -178,33 +189,26 @@ def gates_bwd(
     Inputs are the gradients of the chunk's uses of the gates: ``dct [C, C]`` of ``c * theta``
     (masked matmul weights), ``dw_end [C]`` of ``c[last] * theta`` (state update), ``ds_end [C]`` of
     ``(B_last / B_j) * theta_j`` (momentum update), ``dA [C]``, ``dd [C]``, ``db_end`` of ``B_last``.
+    The gate gradients are linear in these inputs, so partial inputs give partial gradients.
     """
     rc = tl.arange(0, BC)
     tm = (t0 + rc) < T
     c_last = pick_row(c, is_last)
     dth = tl.sum(dct * c, 0) + c_last * dw_end
     dc = dct * th[None, :] + tl.where(is_last[:, None], (th * dw_end)[None, :], 0.0)
-    dla = dA * tl.exp(la)
     if MOMENTUM:
         lb_last = pick(lb, is_last)
         sdec = tl.exp(lb_last - lb)
         dth += sdec * ds_end
-        x = ds_end * sdec * th
-        dlb = -x + tl.where(is_last, tl.sum(x, 0) + db_end * tl.exp(lb_last), 0.0)
-        dLA = tl.dot(dc, tl.trans(LB), input_precision="ieee") + dd[:, None] * Bv[None, :]
-        dLB = tl.dot(tl.trans(LA), dc, input_precision="ieee")
-        dlb += tl.sum(LA * dd[:, None], 0) * Bv
-        xb = dLB * LB
-        dlb += tl.sum(xb, 1) - tl.sum(xb, 0)
+        # Uses of LB: c = LA LB, s_end = LB[last] * theta; of B: d = LA B, B_last.
+        dLB = tl.dot(tl.trans(LA), dc, input_precision="ieee") + tl.where(is_last[:, None], (ds_end * th)[None, :], 0.0)
+        dBv = tl.sum(LA * dd[:, None], 0) + tl.where(is_last, db_end, 0.0)
         et = tl.load(ET + gbase + t0 + rc, mask=tm, other=1.0).to(tl.float32)
-        det = tl.where(et > 1e-30, rev_cumsum(dlb) / tl.maximum(et, 1e-30), 0.0)
-        tl.store(DET + gbase + t0 + rc, det, mask=tm)
+        tl.store(DET + gbase + t0 + rc, gate_grad(dLB, dBv, LB, lb, et, BC), mask=tm)
+        dLA = tl.dot(dc, tl.trans(LB), input_precision="ieee") + dd[:, None] * Bv[None, :]
     else:
         dLA = dc
-    xa = dLA * LA
-    dla += tl.sum(xa, 1) - tl.sum(xa, 0)
     if FORGET:
         keep = 1.0 - tl.load(AL + gbase + t0 + rc, mask=tm, other=0.0).to(tl.float32)
-        dal = tl.where(keep > 1e-30, -rev_cumsum(dla) / tl.maximum(keep, 1e-30), 0.0)
-        tl.store(DAL + gbase + t0 + rc, dal, mask=tm)
+        tl.store(DAL + gbase + t0 + rc, -gate_grad(dLA, dA, LA, la, keep, BC), mask=tm)
     tl.store(DTH + gbase + t0 + rc, dth, mask=tm)
