@@ -66,3 +66,63 @@ def test_triton_backend_refuses_unsupported_shapes():
     a = args(T=20)
     with pytest.raises(ValueError, match="chunk_size"):
         titans_memory(a["q"], a["k"], a["v"], a["theta"], a["weights"], chunk_size=12, backend="triton")
+
+
+@pytest.mark.parametrize("name,value", [
+    ("alpha", 1.5), ("alpha", -0.1), ("eta", 1.0 + 1e-3), ("eta", -1e-6), ("theta", -0.01),
+])
+def test_gate_out_of_range_rejected(name, value):
+    a = args()
+    a[name][0, 1, 4] = value
+    with pytest.raises(ValueError, match=f"{name} must lie in"):
+        call(**{name: a[name]})
+
+
+@pytest.mark.parametrize("name,value", [("alpha", 0.0), ("alpha", 1.0), ("eta", 0.0), ("eta", 1.0), ("theta", 0.0)])
+def test_gate_range_ends_accepted(name, value):
+    a = args()
+    a[name].fill_(value)
+    y, _, _ = call(**{name: a[name]})
+    assert torch.isfinite(y).all()
+
+
+def test_validate_false_skips_value_checks_but_not_shapes():
+    a = args()
+    a["alpha"][0, 0, 0] = 1.5
+    y, _, _ = call(alpha=a["alpha"], validate=False)  # the caller vouches for the values
+    assert y.shape == (1, 2, 10, 8)
+    with pytest.raises(ValueError, match="theta"):
+        call(theta=torch.rand(1, 2, 11), validate=False)
+    with pytest.raises(TypeError, match="validate"):
+        call(validate=1)
+
+
+def test_values_are_read_back_once(monkeypatch):
+    # All finiteness and range checks share one device-to-host read (one sync per call on a GPU).
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real_tolist(self))
+    call()
+    assert len(reads) == 1
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_length_sequence_gives_empty_outputs_and_gradients(depth, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    a = args(T=0)
+    if depth == 2:
+        a["weights"] = (torch.randn(1, 2, 8, 12), torch.randn(1, 2, 12, 8))
+    a["momentum"] = tuple(torch.randn_like(w) for w in a["weights"])
+    leaves = [a[n].requires_grad_(True) for n in ("q", "k", "v", "theta", "alpha", "eta")]
+    leaves += [t.requires_grad_(True) for t in a["weights"] + a["momentum"]]
+    y, w, s = titans_memory(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("theta"), a.pop("weights"), backend=backend, **a)
+    assert y.shape == (1, 2, 0, 8)
+    for got, init in zip(w + s, leaves[6:]):
+        assert torch.equal(got, init) and got.data_ptr() != init.data_ptr()  # unchanged, not aliased
+    loss = sum((t * torch.randn_like(t)).sum() for t in (y, *w, *s))
+    grads = torch.autograd.grad(loss, leaves)
+    for g, t in zip(grads, leaves):
+        assert g.shape == t.shape
+    assert all(g.abs().sum() > 0 for g in grads[6:])  # the states' gradients pass straight through

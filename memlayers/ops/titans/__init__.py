@@ -9,7 +9,6 @@ import torch
 from ..utils import (
     FLOAT_DTYPES,
     check_choice,
-    check_finite,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -33,7 +32,7 @@ def _check_float(name: str, value, *, positive: bool = False, minimum: Optional[
 
 
 def check_memory_inputs(q, k, v, theta, weights, alpha, eta, momentum) -> None:
-    """Validate shapes, dtypes, devices and finiteness of ``titans_memory``'s tensors (raises)."""
+    """Validate shapes, dtypes and devices of ``titans_memory``'s tensors (raises; reads no tensor data)."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, H, T, Dk = q.shape
     check_tensor("k", k, shape=(B, H, T, Dk), dtypes=(q.dtype,))
@@ -65,9 +64,31 @@ def check_memory_inputs(q, k, v, theta, weights, alpha, eta, momentum) -> None:
     named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
     named.update({f"momentum[{i}]": s for i, s in enumerate(momentum or ())})
     check_same_device(**named)
-    for name, t in named.items():
-        if t is not None:
-            check_finite(name, t)
+
+
+# Ranges of the documented recurrence: W_t = (1 - alpha_t) W_{t-1} + S_t, S_t = eta_t S_{t-1} - theta_t g_t.
+GATE_RANGES = {"theta": (0.0, math.inf), "alpha": (0.0, 1.0), "eta": (0.0, 1.0)}
+
+
+def check_memory_values(q, k, v, theta, weights, alpha, eta, momentum) -> None:
+    """Reject non-finite tensors and gates outside ``GATE_RANGES``, naming the first bad argument.
+
+    Every condition is reduced on the tensors' device into one flag vector that is read back once:
+    a single host synchronization per call on a GPU, whatever the number of arguments.
+    """
+    named = dict(q=q, k=k, v=v, theta=theta, alpha=alpha, eta=eta)
+    named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
+    named.update({f"momentum[{i}]": s for i, s in enumerate(momentum or ())})
+    named = {n: t for n, t in named.items() if t is not None}
+    checks = [(f"{n} contains non-finite values (NaN or inf)", ~torch.isfinite(t).all()) for n, t in named.items()]
+    for n, (lo, hi) in GATE_RANGES.items():
+        if n in named:
+            t = named[n]
+            checks.append((f"{n} must lie in [{lo}, {hi}] (the range of its recurrence)", ((t < lo) | (t > hi)).any()))
+    flags = torch.stack([f for _, f in checks]).tolist()
+    for (message, _), bad in zip(checks, flags):
+        if bad:
+            raise ValueError(message)
 
 
 def kernel_supports(weights: Sequence[torch.Tensor], q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> Optional[str]:
@@ -98,6 +119,7 @@ def titans_memory(
     delta: float = 1.0,
     eps: float = 1e-6,
     allow_tf32: bool = False,
+    validate: bool = True,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, State, Optional[State]]:
     """Read a sequence into a Titans memory, chunk by chunk, and retrieve with every query.
@@ -111,6 +133,7 @@ def titans_memory(
         q, k: ``[B, H, T, Dk]`` fp32/fp16/bf16 (Titans l2-normalizes them; not done here).
         v: ``[B, H, T, Dv]``, same dtype.
         theta: ``[B, H, T]`` learning rates (>= 0).
+            ``T`` may be 0: empty ``y``, unchanged (copied) states, empty gradients.
         weights: initial memory: ``(W,)`` with ``W [B, H, Dk, Dv]`` (linear memory), or
             ``(W_1, ..., W_L)`` (residual MLP ``x + silu(... silu(x W_1) ...) W_L``, ``Dk == Dv``;
             ``W_1 [B, H, Dk, Dh]``, ``W_L [B, H, Dh, Dv]``).
@@ -121,6 +144,11 @@ def titans_memory(
         bias: attentional bias ``"l2"`` (Titans), ``"lp"`` (Moneta, exponent ``p``, smoothing
             ``eps``) or ``"huber"`` (Yaad, threshold ``delta``).
         allow_tf32: let fp32 inputs use tf32 matmuls in the kernels (fp16/bf16 inputs always may).
+        validate: check the tensors' values (finite; theta >= 0, alpha and eta in [0, 1]). Shapes,
+            dtypes, devices and the scalar options are always checked on the host without reading any
+            tensor; the value checks cost one device-to-host read per call (a synchronization on a
+            GPU), so a caller that already guarantees them (e.g. gates from a sigmoid, in decode) may
+            pass False.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``. The kernels cover the linear memory and the
             depth-2 MLP; "auto" falls back to the torch path for other cases.
 
@@ -143,12 +171,16 @@ def titans_memory(
     p = _check_float("p", p, minimum=1.0)
     delta = _check_float("delta", delta, positive=True)
     eps = _check_float("eps", eps, positive=True)
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    if validate:
+        check_memory_values(q, k, v, theta, weights, alpha, eta, momentum)
     if eta is not None and momentum is None:
         momentum = tuple(torch.zeros_like(w, dtype=torch.float32) for w in weights)
     weights, momentum = tuple(weights), (tuple(momentum) if momentum is not None else None)
 
     chosen = resolve_backend(backend, q, k, v)
-    if chosen == "triton":
+    if chosen == "triton" and q.shape[2] > 0:  # an empty sequence leaves the kernels nothing to do
         why_not = kernel_supports(weights, q, v, chunk_size)
         if why_not is None:
             mod = load_triton_module("titans")

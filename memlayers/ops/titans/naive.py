@@ -135,6 +135,12 @@ def titans_chunked_naive(
     S = [s.float() for s in momentum] if eta is not None else None
     qf, kf, vf, th = q.float(), k.float(), v.float(), theta.float()
     T = q.shape[2]
+    if T == 0:
+        # No token: the memory is unchanged (returned as copies, never the caller's tensors); y has no
+        # rows but stays connected to every input, so each one gets its (empty or zero) gradient.
+        unused = sum(t.sum() for t in (kf, vf, th, alpha, eta) if t is not None)
+        y = memory_apply(W, qf) + 0 * unused
+        return y, tuple(w.clone() for w in W), (tuple(s.clone() for s in S) if S is not None else None)
     ys = []
     for start in range(0, T, chunk_size):
         sl = slice(start, min(T, start + chunk_size))
@@ -167,8 +173,7 @@ def titans_chunked_naive(
             newW = [nw + d_end * s for nw, s in zip(newW, S)]
             S = [b_end * S[i] - xs[i].transpose(-1, -2) @ (s_end.unsqueeze(-1) * ds[i]) for i in range(len(W))]
         W = newW
-    y = torch.cat(ys, dim=2) if ys else qf.new_zeros(q.shape[:3] + (v.shape[-1],))
-    return y, tuple(W), (tuple(S) if S is not None else None)
+    return torch.cat(ys, dim=2), tuple(W), (tuple(S) if S is not None else None)
 
 
 def titans_recurrent_naive(
