@@ -159,7 +159,7 @@ def test_ties_keep_scores_exact(device):
         (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(2, 2, 8, 8), k=3), ValueError, "keys"),
         (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(1, 2, 8, 16), k=3), ValueError, "keys"),
         (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(2, 2, 8, 16).double(), k=3), TypeError, "keys"),
-        (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(2, 2, 8, 16), k=0), ValueError, "k"),
+        (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(2, 2, 8, 16), k=-1), ValueError, "k must be >= 0"),
         (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(2, 2, 8, 16), k=2.5), TypeError, "k"),
         (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(2, 2, 8, 16), k=2, metric="dot"), ValueError, "metric"),
         (dict(queries=torch.randn(2, 4, 3, 16), keys=torch.randn(2, 2, 8, 16), k=2,

@@ -189,7 +189,6 @@ def _good(C=10):
     (lambda a: {**a, "mem_keys": torch.randn(1, 3, 10, 8)}, ValueError, "multiple of mem_keys' head count"),
     (lambda a: {**a, "mem_values": torch.randn(1, 2, 9, 6)}, ValueError, "mem_values has size 9"),
     (lambda a: {**a, "indices": a["indices"].float()}, TypeError, "indices must have dtype"),
-    (lambda a: {**a, "indices": a["indices"][..., :0]}, ValueError, "k >= 1"),
     (lambda a: {**a, "indices": torch.full((1, 4, 3, 5), 10)}, ValueError, "slot ids in 0..9"),
     (lambda a: {**a, "indices": torch.full((1, 4, 3, 5), -2)}, ValueError, "indices must be -1"),
     (lambda a: {**a, "scale": float("nan")}, TypeError, "scale must be a finite"),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import FLOAT_DTYPES, check_same_device, check_tensor, load_triton_module, resolve_backend
+from ..utils import FLOAT_DTYPES, check_same_device, check_tensor, empty_result, load_triton_module, resolve_backend
 from .naive import weighted_embedding_bag_naive
 
 
@@ -33,7 +33,8 @@ def weighted_embedding_bag(
 
     Args:
         weight: ``[V, D]`` table, fp32/fp16/bf16.
-        indices: ``[T, K]`` int64 (or int32) rows of ``weight``, each in ``[0, V)``.
+        indices: ``[T, K]`` int64 (or int32) rows of ``weight``, each in ``[0, V)``; T = 0 or K = 0
+            gives ``T`` zero rows (gradients: zeros).
         per_sample_weights: ``[T, K]`` weights, same dtype as ``weight``.
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
         check_indices: verify ``0 <= indices < V`` (one reduction; callers that build indices
@@ -57,7 +58,11 @@ def weighted_embedding_bag(
     if check_indices:
         check_indices_in_range("indices", indices, weight.shape[0])
 
-    if resolve_backend(backend, weight, indices, per_sample_weights, op="weighted_embedding_bag") == "triton":
+    chosen = resolve_backend(backend, weight, indices, per_sample_weights, op="weighted_embedding_bag")
+    if indices.numel() == 0:  # no token or no lookup: every row sums nothing
+        return empty_result((indices.shape[0], weight.shape[1]), 0.0, weight.dtype, weight.device,
+                            weight, per_sample_weights)
+    if chosen == "triton":
         return load_triton_module("embedding_bag").weighted_embedding_bag_triton(weight, indices, per_sample_weights)
     return weighted_embedding_bag_naive(weight, indices.long(), per_sample_weights)
 

@@ -5,7 +5,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..utils import FLOAT_DTYPES, check_choice, check_positive_int, check_same_device, check_tensor, load_triton_module, resolve_backend
+from ..utils import (FLOAT_DTYPES, check_choice, check_positive_int, check_same_device, check_tensor, load_triton_module,
+                     resolve_backend)
 from .naive import knn_search_naive
 from .native import knn_search_native_lib
 
@@ -28,7 +29,7 @@ def knn_search(
             query head ``h`` searches kv-head ``h // (Hq // Hkv)``). Any strides; on CPU, keys laid
             out dim-major (``keys.stride(-2) == 1``, as ``KNNMemory`` stores them there) search a few
             queries up to 3x faster than contiguous ones.
-        k: results per query, any positive int (results past the number of valid keys are marked).
+        k: results per query, any int >= 0 (results past the number of valid keys are marked).
         valid_lengths: optional ``[B]`` or ``[B, Hkv]`` integer tensor: only slots ``< valid_lengths``
             are searched (a memory that is not full yet).
         metric: ``"ip"`` (q.k), ``"cosine"`` or ``"l2"`` (scores are ``-||q-k||^2``); higher is better.
@@ -62,7 +63,7 @@ def knn_search(
         raise ValueError(f"queries' head count ({Hq}) must be a multiple of keys' head count ({Hkv})")
     if not 1 <= D <= 256:
         raise ValueError(f"queries' last dimension D must be in 1..256, got {D}")
-    check_positive_int("k", k)
+    check_positive_int("k", k, minimum=0)
     check_choice("metric", metric, METRICS)
     if valid_lengths is not None:
         check_tensor("valid_lengths", valid_lengths, dtypes=(torch.int32, torch.int64))
@@ -71,6 +72,9 @@ def knn_search(
         check_same_device(queries=queries, valid_lengths=valid_lengths)
 
     chosen = resolve_backend(backend, queries, keys, op="knn_search")
+    if B * Hq * T * k == 0:  # no query or no result asked: empty results of the right shape
+        return (torch.full((B, Hq, T, k), float("-inf"), device=queries.device),
+                torch.full((B, Hq, T, k), -1, dtype=torch.int64, device=queries.device))
     if chosen == "native":
         return knn_search_native_lib(queries, keys, k, valid_lengths, metric)
     if chosen == "triton":

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..utils import FLOAT_DTYPES, check_same_device, check_tensor, load_triton_module, resolve_backend
+from ..utils import FLOAT_DTYPES, check_same_device, check_tensor, empty_result, load_triton_module, resolve_backend
 from .naive import local_attention_naive
 
 MAX_HEAD_DIM = 256
@@ -72,8 +72,9 @@ def local_attention(
     scale = _check_inputs(q, k, v, scale, prefix_valid)
     backend = resolve_backend(backend, q, k, v, op="local_attention")
     B, Hq, T, _ = q.shape
-    if T == 0:
-        return q.new_zeros(B, Hq, 0, v.shape[3]), torch.zeros(B, Hq, 0, device=q.device)
+    if B * Hq * T == 0:  # no query: empty outputs, and zero gradients for k and v
+        return (empty_result((B, Hq, T, v.shape[3]), 0.0, q.dtype, q.device, q, k, v),
+                empty_result((B, Hq, T), 0.0, torch.float32, q.device, q, k, v))
     if backend == "triton":
         return load_triton_module("local_attention").local_attention_triton(q, k, v, scale, prefix_valid)
     return local_attention_naive(q, k, v, scale, prefix_valid)

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..utils import FLOAT_DTYPES, check_same_device, check_tensor, load_triton_module, resolve_backend
+from ..utils import FLOAT_DTYPES, check_same_device, check_tensor, empty_result, load_triton_module, resolve_backend
 from .naive import memory_attention_naive, merge_attention_naive, rotate_half
 
 MAX_HEAD_DIM = 256
@@ -29,9 +29,6 @@ def _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary
     Dv = mem_values.shape[3]
     if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
         raise ValueError(f"head dims must be in 1..{MAX_HEAD_DIM}, got q/mem_keys D={D}, mem_values Dv={Dv}")
-    if indices.shape[3] == 0:
-        raise ValueError(f"indices must hold at least one slot per query (k >= 1), got shape {tuple(indices.shape)}")
-
     if scale is None:
         scale = D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -88,7 +85,8 @@ def memory_attention(
             ``h`` reads kv-head ``h // (Hq // Hkv)``; the buffers are never expanded to Hq heads).
         mem_values: ``[B, Hkv, C, Dv]``, q's dtype, Dv in 1..256.
         indices: ``[B, Hq, T, k]`` int32/int64 slot ids into dim 2 of the buffers, ``-1`` = missing
-            (ignored); e.g. ``KNNMemory.search(q, k, gather=False).indices``.
+            (ignored); e.g. ``KNNMemory.search(q, k, gather=False).indices``. ``k = 0``, ``C = 0`` or
+            ``T = 0`` make every query empty (gradients: zeros).
         scale: score scale, default ``D ** -0.5``.
         mem_positions: ``[B, C]`` int positions of the slots (``KNNMemory.positions``); with
             ``rotary_cos``/``rotary_sin`` (``[P, D]`` tables, HF ``rotate_half`` convention) each
@@ -114,9 +112,10 @@ def memory_attention(
     scale = _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary_cos, rotary_sin)
     backend = resolve_backend(backend, q, mem_keys, mem_values, indices, op="memory_attention")
     B, Hq, T, _ = q.shape
-    if T == 0 or mem_keys.shape[2] == 0:  # nothing to gather: every query is empty
-        return (q.new_zeros(B, Hq, T, mem_values.shape[3]),
-                torch.full((B, Hq, T), float("-inf"), device=q.device, dtype=torch.float32))
+    if B * Hq * T == 0 or mem_keys.shape[2] == 0 or indices.shape[3] == 0:  # nothing to gather: every query is empty
+        inputs = (q, mem_keys, mem_values)
+        return (empty_result((B, Hq, T, mem_values.shape[3]), 0.0, q.dtype, q.device, *inputs),
+                empty_result((B, Hq, T), float("-inf"), torch.float32, q.device, *inputs))
     if backend == "triton":
         return load_triton_module("memory_attention").memory_attention_triton(
             q, mem_keys, mem_values, indices, scale, mem_positions, rotary_cos, rotary_sin)

@@ -1,4 +1,5 @@
 from .dispatch import NATIVE_OPS, interpreter_enabled, load_triton_module, resolve_backend, triton_installed
+from .empty import empty_result
 from .guards import (
     FLOAT_DTYPES,
     check_choice,
@@ -17,6 +18,7 @@ __all__ = [
     "check_positive_int",
     "check_same_device",
     "check_tensor",
+    "empty_result",
     "interpreter_enabled",
     "load_triton_module",
     "renamed_argument",
