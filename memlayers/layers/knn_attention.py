@@ -4,21 +4,17 @@ pairs retrieved from a ``KNNMemory`` of past tokens (Memorizing Transformers; Ex
 One call on a segment ``x [B, T, dim]``:
 1. project to q, k, v (optional qk RMS-normalization); rotate q, k at their absolute positions;
 2. local causal attention over the segment (and, with ``xl_memory``, the whole previous segment);
-3. search the memory with the un-rotated queries (position-free similarity), then attend over each
-   query's top-k memories with the fused ``memory_attention`` kernel, under the position policy:
-   - ``"none"``   memories carry no position (the paper, meliad): un-rotated query vs stored key;
-   - ``"rotate"`` keys are stored before rotary and rotated on read at their stored positions
-     (Extended Mind's cache): exactly the scores full attention would give them;
-   - ``"fixed"``  every memory sits at one relative distance ``fixed_distance`` (InfLLM); by RoPE's
-     relative property this is the query rotated at that distance against the stored key;
-4. combine: ``"joint"`` one softmax over local and memory keys (log-sum-exp merge, exact), or
-   ``"gate"`` separate softmaxes mixed per head by a learned sigmoid gate (the paper's mode);
-5. write the segment's (un-rotated) keys and values into the memory, detached from the graph.
+3. read the memory (``memlayers.layers.knn_read``, the read path the HuggingFace wrapper shares):
+   search with the un-rotated queries (position-free similarity), attend over each query's top-k
+   memories with the fused ``memory_attention`` kernel under the position policy (``"rotate"``,
+   ``"none"``, ``"fixed"``), and merge with the local attention (``"joint"`` or ``"gate"``);
+4. write the segment's (un-rotated) keys and values into the memory, detached from the graph.
 
-The memory is runtime state, not a weight: it is built on the first call for that batch size (or by
-``setup_memory``) on the input's device, lives beside the parameters (not in ``state_dict``, not
-moved by ``.to()``: call ``setup_memory`` after moving the layer), and is reset per row at document
-boundaries with ``reset_memory(rows)``.
+The layer is a memory module (``memlayers.memory.protocol``): its memory (a ``KNNMemory``
+submodule) and its Transformer-XL segment are buffers, so they are in ``state_dict`` (loadable at
+another batch size) and move with ``.to()``. The memory is built by the first call (or
+``bind_batch``) for the input's batch size, and reset per row at document boundaries with
+``reset_memory(rows)``.
 """
 from __future__ import annotations
 
@@ -29,17 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..memory import KNNMemory
+from ..memory.protocol import MemoryModule, row_mask
 from ..ops.local_attention import local_attention
-from ..ops.memory_attention import memory_attention, merge_attention
 from ..ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
 from ..ops.utils.guards import same_device
+from .knn_read import (COMBINES, DEFAULT_CAPACITY, DEFAULT_FIXED_DISTANCE, DEFAULT_TOP_K, POSITIONS,
+                       combine_memory, read_memory)
+from .names import knn_backend, knn_index
 from .rotary import RotaryCache, apply_rotary
 
-COMBINES = ("joint", "gate")
-POSITIONS = ("none", "rotate", "fixed")
+# The Transformer-XL segment: keys (rotated), values, each row's first position, and whether a row has one.
+_XL = ("xl_keys", "xl_values", "xl_start", "xl_valid")
 
 
-class KNNMemoryAttention(nn.Module):
+class KNNMemoryAttention(nn.Module, MemoryModule):
     """Drop-in causal self-attention with a kNN memory of past keys and values.
 
     Args:
@@ -49,8 +48,8 @@ class KNNMemoryAttention(nn.Module):
         top_k: memories retrieved per query and head.
         capacity: memory slots per batch row and kv-head (oldest evicted first).
         combine: ``"joint"`` (one softmax over local + memories) or ``"gate"`` (learned per-head gate).
-        position: ``"none"``, ``"rotate"`` or ``"fixed"`` (module docstring); default ``"rotate"``
-            with rotary embedding, ``"none"`` without.
+        position: ``"none"``, ``"rotate"`` or ``"fixed"`` (``memlayers.layers.knn_read``); default
+            ``"rotate"`` with rotary embedding, ``"none"`` without.
         rotary: rotary embedding on q, k (base ``rotary_base``).
         fixed_distance: the relative distance of every memory under ``position="fixed"``.
         qk_norm: RMS-normalize q and k per head before rotary embedding.
@@ -58,10 +57,16 @@ class KNNMemoryAttention(nn.Module):
             tokens are excluded from retrieval so that no key counts twice.
         xl_grad: keep the XL segment in the autograd graph (the caller then backpropagates through two
             segments at once); default False, stop-gradient as in Transformer-XL.
-        memory_backend, metric, index, index_options, search_backend: passed to ``KNNMemory``
-            (``backend``, ``metric``, ``index``, ``index_options``, ``search_backend``).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for ``memory_attention``.
+        index: the store's search: ``"exact"`` or a FAISS index ``"flat"``, ``"ivf"``, ``"hnsw"``.
+        metric, index_options: passed to ``KNNMemory``.
+        backend: the compute backend, ``"auto"``, ``"torch"`` or ``"triton"``, of ``memory_attention``,
+            the local attention and the store's search.
+        memory_backend, search_backend: deprecated spellings of ``index`` (``"exact"|"faiss"``) and
+            of the store's compute backend.
         bias: biases in the projections. device, dtype: of the parameters.
+
+    Defaults (``top_k``, ``capacity``, ``fixed_distance``) are those of ``KNNMemoryConfig`` too; see
+    ``memlayers.layers.knn_read`` for why.
 
     Shapes: ``forward(x [B, T, dim]) -> [B, T, dim]``.
 
@@ -80,25 +85,25 @@ class KNNMemoryAttention(nn.Module):
         kv_heads: Optional[int] = None,
         head_dim: Optional[int] = None,
         *,
-        top_k: int = 32,
-        capacity: int = 4096,
+        top_k: int = DEFAULT_TOP_K,
+        capacity: int = DEFAULT_CAPACITY,
         combine: str = "joint",
         position: Optional[str] = None,
         rotary: bool = True,
         rotary_base: float = 10000.0,
-        fixed_distance: int = 1024,
+        fixed_distance: int = DEFAULT_FIXED_DISTANCE,
         qk_norm: bool = False,
         xl_memory: bool = False,
         xl_grad: bool = False,
-        memory_backend: str = "exact",
+        index: Optional[str] = None,
         metric: str = "ip",
-        index: str = "flat",
         index_options: Optional[dict] = None,
-        search_backend: str = "auto",
         backend: str = "auto",
         bias: bool = False,
         device=None,
         dtype=None,
+        memory_backend: Optional[str] = None,
+        search_backend: Optional[str] = None,
     ):
         super().__init__()
         check_positive_int("dim", dim)
@@ -122,14 +127,15 @@ class KNNMemoryAttention(nn.Module):
         if rotary and head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
         check_choice("backend", backend, ("auto", "torch", "triton"))
+        index = knn_index("KNNMemoryAttention", index, "memory_backend", memory_backend)
+        backend, store_backend = knn_backend("KNNMemoryAttention", backend, search_backend)
 
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.top_k, self.capacity, self.combine, self.position = top_k, capacity, combine, position
         self.rotary, self.fixed_distance, self.xl_memory, self.xl_grad = rotary, fixed_distance, xl_memory, xl_grad
         self.backend = backend
         self.scale = head_dim ** -0.5
-        self.memory_kwargs = dict(backend=memory_backend, metric=metric, index=index,
-                                  index_options=index_options, search_backend=search_backend)
+        self.memory_kwargs = dict(index=index, metric=metric, index_options=index_options, backend=store_backend)
 
         factory = dict(device=device, dtype=dtype)
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias, **factory)
@@ -142,23 +148,21 @@ class KNNMemoryAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(heads, **factory)) if combine == "gate" else None
         self.rope = RotaryCache(head_dim, rotary_base) if rotary else None
 
-        # Runtime state, not weights: kept in a plain dict so that it stays out of state_dict() and
-        # weights load into a layer whatever its memory holds. setup_memory builds it.
-        self._state = {"memory": None}
-        self._next_pos: Optional[torch.Tensor] = None  # [B] position of each row's next token
-        self._xl = None  # previous segment: dict(k_rot, v, start [B], valid [B])
-
-    @property
-    def memory(self) -> Optional[KNNMemory]:
-        """The ``KNNMemory`` (None before the first call); save it with ``layer.memory.save(path)``."""
-        return self._state["memory"]
+        # The memory (built for the first batch) and the XL segment (after the first write with xl_memory).
+        self.register_module("memory", None)
+        for name in _XL:
+            self.register_buffer(name, None)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"top_k={self.top_k}, capacity={self.capacity}, combine={self.combine!r}, "
                 f"position={self.position!r}, xl_memory={self.xl_memory}")
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ state (the memory-state protocol)
+    @property
+    def memory_batch_size(self) -> Optional[int]:
+        return None if self.memory is None else self.memory.memory_batch_size
+
     def setup_memory(self, batch_size: int, device=None, dtype=None) -> KNNMemory:
         """Build an empty memory for ``batch_size`` rows (default: the parameters' device and dtype).
 
@@ -168,11 +172,18 @@ class KNNMemoryAttention(nn.Module):
         weight = self.q_proj.weight
         device = weight.device if device is None else torch.device(device)
         dtype = weight.dtype if dtype is None else dtype
-        self._state["memory"] = KNNMemory(batch_size, self.kv_heads, self.head_dim, capacity=self.capacity,
-                                          device=device, dtype=dtype, **self.memory_kwargs)
-        self._next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self._xl = None
+        self.memory = KNNMemory(batch_size, self.kv_heads, self.head_dim, capacity=self.capacity,
+                                device=device, dtype=dtype, **self.memory_kwargs)
+        self._clear_xl()
         return self.memory
+
+    def bind_batch(self, batch_size: int) -> None:
+        """Give the memory ``batch_size`` empty rows (the memory-state protocol's ``setup_memory``)."""
+        self.setup_memory(batch_size)
+
+    def _clear_xl(self) -> None:
+        for name in _XL:
+            setattr(self, name, None)
 
     @torch.no_grad()
     def reset_memory(self, rows=None) -> None:
@@ -182,19 +193,29 @@ class KNNMemoryAttention(nn.Module):
         """
         if self.memory is None:
             return
-        self.memory.reset(rows)  # validates rows before changing anything
-        B = self.memory.batch_size
-        if rows is None:
-            mask = torch.ones(B, dtype=torch.bool)
-        elif isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
-            mask = rows.cpu()
-        else:
-            mask = torch.zeros(B, dtype=torch.bool)
-            mask[torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()] = True
-        mask = mask.to(self._next_pos.device)
-        self._next_pos.masked_fill_(mask, 0)
-        if self._xl is not None:
-            self._xl["valid"] = self._xl["valid"] & ~mask
+        mask = row_mask(rows, self.memory.batch_size, self.memory.device)  # validates before any change
+        self.memory.reset_memory(mask)
+        if self.xl_valid is not None:
+            self.xl_valid = self.xl_valid & ~mask.to(self.xl_valid.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A saved memory or XL segment loads into a layer that has none yet (or one of another batch
+        # size): make room of the saved shapes first; KNNMemory rebuilds its own buffers to fit.
+        if self.memory is None and f"{prefix}memory.count" in state_dict:
+            saved = state_dict[f"{prefix}memory.count"]
+            self.setup_memory(saved.shape[0], device=saved.device)
+        for name in _XL:
+            t = state_dict.get(prefix + name)
+            if t is not None and (getattr(self, name) is None or getattr(self, name).shape != t.shape):
+                setattr(self, name, torch.empty_like(t, device=self.q_proj.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @property
+    def _next_pos(self) -> torch.Tensor:
+        """``[B]`` the position of each row's next token."""
+        return self.memory.next_position
 
     @torch.no_grad()
     def prefill_memory(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -208,10 +229,7 @@ class KNNMemoryAttention(nn.Module):
         if self.memory is None:
             check_tensor("keys", keys, ndim=4, dtypes=FLOAT_DTYPES)
             self.setup_memory(keys.shape[0], keys.device, keys.dtype)
-        T = keys.shape[2] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0
-        pos = self._next_pos[:, None] + torch.arange(T, device=self._next_pos.device)
-        self.memory.add(keys, values, positions=pos)  # validates everything before writing
-        self._next_pos += T
+        self.memory.add(keys, values)  # validates everything; positions continue each row
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x) -> None:
@@ -264,59 +282,32 @@ class KNNMemoryAttention(nn.Module):
             q_rot, k_rot = q, k
 
         local_k, local_v, prefix_valid, xl_start = k_rot, v, None, None
-        if self._xl is not None:
-            local_k = torch.cat((self._xl["k_rot"], k_rot), dim=2)
-            local_v = torch.cat((self._xl["v"], v), dim=2)
-            prefix_valid, xl_start = self._xl["valid"], self._xl["start"]
+        if self.xl_keys is not None:
+            local_k = torch.cat((self.xl_keys, k_rot), dim=2)
+            local_v = torch.cat((self.xl_values, v), dim=2)
+            prefix_valid, xl_start = self.xl_valid, self.xl_start
 
-        mem_out, mem_lse = self._read_memory(q, q_rot, xl_start, prefix_valid) if T else (None, None)
         if self.combine == "joint":
             out, lse = local_attention(q_rot, local_k, local_v, scale=self.scale, prefix_valid=prefix_valid,
                                        backend=self.backend)
-            if mem_out is not None:
-                out, _ = merge_attention(out, lse, mem_out, mem_lse)
         else:
-            out = self._sdpa(q_rot, local_k, local_v, prefix_valid)
-            if mem_out is not None:
-                g = torch.sigmoid(self.gate.float()).view(1, -1, 1, 1)
-                mixed = (g * mem_out.float() + (1 - g) * out.float()).to(out.dtype)
-                # A query with no memory at all keeps its local output.
-                out = torch.where(torch.isfinite(mem_lse)[..., None], mixed, out)
+            out, lse = self._sdpa(q_rot, local_k, local_v, prefix_valid), None
+        if T and int(mem.count.max()) > 0:
+            mem_out, mem_lse = read_memory(
+                mem, q, q_rot, top_k=self.top_k, scale=self.scale, position=self.position, rope=self.rope,
+                fixed_distance=self.fixed_distance, backend=self.backend,
+                max_position=int(self._next_pos.max()) + T, xl_start=xl_start, xl_valid=prefix_valid)
+            out = combine_memory(out, lse, mem_out, mem_lse, self.combine, self.gate).to(out.dtype)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
         if update_memory and T:
             mem.add(k.detach(), v.detach(), positions=pos)
-            self._next_pos += T
             if self.xl_memory:
                 keep = (lambda t: t) if self.xl_grad else (lambda t: t.detach())
-                self._xl = dict(k_rot=keep(k_rot), v=keep(v), start=pos[:, 0].clone(),
-                                valid=torch.ones(B, dtype=torch.bool, device=x.device))
+                self.xl_keys, self.xl_values = keep(k_rot), keep(v)
+                self.xl_start = pos[:, 0].clone()
+                self.xl_valid = torch.ones(B, dtype=torch.bool, device=x.device)
         return y
-
-    def _read_memory(self, q, q_rot, xl_start, xl_valid):
-        """Top-k retrieval and fused attention: -> (out [B, H, T, hd], lse [B, H, T]) or (None, None)."""
-        mem = self.memory
-        if int(mem.count.max()) == 0:
-            return None, None
-        res = mem.search(q.detach(), self.top_k, gather=False)
-        indices = res.indices
-        if xl_start is not None:
-            # Tokens of the XL segment are in the local context already: never count them twice.
-            in_xl = (res.positions >= xl_start[:, None, None, None]) & xl_valid[:, None, None, None]
-            indices = indices.masked_fill(in_xl, -1)
-        kwargs = {}
-        if self.position == "rotate":
-            cos, sin = self.rope.get(int(self._next_pos.max()) + q.shape[2], q.device)
-            kwargs = dict(mem_positions=mem.positions, rotary_cos=cos, rotary_sin=sin)
-            q_mem = q_rot
-        elif self.position == "fixed":
-            cos, sin = self.rope.get(self.fixed_distance + 1, q.device)
-            d = self.fixed_distance
-            q_mem = apply_rotary(q, cos[d], sin[d])
-        else:
-            q_mem = q
-        return memory_attention(q_mem, mem.keys, mem.values, indices, scale=self.scale, backend=self.backend,
-                                **kwargs)
 
     def _sdpa(self, q, k, v, prefix_valid):
         """Local attention for the gate mode (no log-sum-exp needed): SDPA, causal after the prefix."""

@@ -12,7 +12,7 @@ DIM, HEAD_DIM = 32, 8
 
 
 def make_layer(heads=4, kv_heads=2, **kw):
-    kw = {"top_k": 64, "capacity": 64, "search_backend": "torch", "backend": "torch", **kw}
+    kw = {"top_k": 64, "capacity": 64, "backend": "torch", **kw}
     return KNNMemoryAttention(DIM, heads, kv_heads, HEAD_DIM, **kw)
 
 
@@ -154,10 +154,11 @@ def test_training_over_segments_with_row_reset():
     assert not layer.memory.keys.requires_grad and int(layer.memory.count[0]) == 40
 
     # Same weights from here on: the memory written during training came from older weights.
+    weights = {k: v for k, v in layer.state_dict().items() if not k.startswith(("memory.", "xl_"))}
     fresh = make_layer(4, 2, xl_memory=True)
-    fresh.load_state_dict(layer.state_dict())
+    fresh.load_state_dict(weights)
     cont = make_layer(4, 2, xl_memory=True)
-    cont.load_state_dict(layer.state_dict())
+    cont.load_state_dict(weights)
     layer.setup_memory(2)
     with torch.no_grad():
         segmented(layer, x, 10)
@@ -203,10 +204,10 @@ def test_bad_input_leaves_memory_unchanged(bad, exc, words):
     layer = make_layer(xl_memory=True)
     with torch.no_grad():
         layer(torch.randn(2, 7, DIM))
-    state = [t.clone() for t in layer.memory.buffers()] + [layer._next_pos.clone(), layer._xl["k_rot"].clone()]
+    state = [t.clone() for t in layer.memory.buffers()] + [layer._next_pos.clone(), layer.xl_keys.clone()]
     with pytest.raises(exc, match=words):
         layer(bad())
-    after = [t for t in layer.memory.buffers()] + [layer._next_pos, layer._xl["k_rot"]]
+    after = [t for t in layer.memory.buffers()] + [layer._next_pos, layer.xl_keys]
     assert all(torch.equal(a, b) for a, b in zip(state, after))
 
 
@@ -231,3 +232,36 @@ def test_reset_memory_bad_rows_changes_nothing():
     with pytest.raises(ValueError, match="rows"):
         layer.reset_memory(rows=[5])
     assert int(layer.memory.count.min()) == 5 and int(layer._next_pos.min()) == 5
+
+
+def test_memory_is_module_state():
+    """The memory and XL segment are buffers: in state_dict (loadable at another batch size into a
+    layer that never ran) and moved by .to()."""
+    layer = make_layer(4, 2, xl_memory=True)
+    with torch.no_grad():
+        layer(torch.randn(3, 9, DIM))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}  # state_dict() shares the live buffers
+    assert {"memory.keys", "memory.count", "xl_keys", "xl_valid"} <= set(state)
+    other = make_layer(4, 2, xl_memory=True)
+    with torch.no_grad():
+        other(torch.randn(1, 4, DIM))  # a memory of another batch size
+    nxt = torch.randn(3, 5, DIM)
+    with torch.no_grad():
+        expected = layer(nxt)
+    for target in (make_layer(4, 2, xl_memory=True), other):
+        target.load_state_dict(state)  # the weights differ: both layers now carry layer's weights and memory
+        assert target.memory_batch_size == 3
+        with torch.no_grad():
+            assert torch.equal(target(nxt), expected)
+    moved = layer.to(torch.float64)
+    assert moved.memory.keys.dtype == torch.float64 and moved.xl_keys.dtype == torch.float64
+
+
+def test_old_store_names_warn_and_still_work():
+    with pytest.warns(DeprecationWarning, match="memory_backend"):
+        old = KNNMemoryAttention(DIM, 4, memory_backend="exact", backend="torch", capacity=8)
+    with pytest.warns(DeprecationWarning, match="search_backend"):
+        KNNMemoryAttention(DIM, 4, search_backend="torch", capacity=8)
+    with torch.no_grad():
+        old(torch.randn(1, 3, DIM))
+    assert old.memory.index == "exact" and old.memory.backend == "torch"

@@ -1,0 +1,112 @@
+"""The kNN-memory read path, shared by ``KNNMemoryAttention`` and the HuggingFace kNN wrapper:
+search, gather-attention under a position policy, and the merge with the local attention.
+
+Position policies (how a retrieved key is placed relative to the query; rotary models only):
+
+- ``"rotate"``: keys are stored before rotary embedding and rotated on read at their stored
+  absolute positions (Extended Mind's cache): exactly the scores full attention would give them;
+- ``"none"``: memories carry no position (Memorizing Transformers, meliad): the query before rotary
+  embedding against the stored key;
+- ``"fixed"``: every memory sits at one relative distance ``fixed_distance`` (InfLLM); by RoPE's
+  relative property, ``rope(q, p_q) . rope(k, p_k) = rope(q, p_q - p_k) . k``, this is the query
+  rotated by that distance against the stored key.
+
+Merges: ``"joint"``: one softmax over local and memory keys (log-sum-exp merge; training-free, and
+exact full-context attention when every memory is retrieved); ``"gate"``: two softmaxes mixed per
+query head by a learned ``sigmoid(gate)`` (Memorizing Transformers).
+
+Defaults (one set, used by both): ``top_k=32``; ``capacity=65536`` tokens per batch row (the memory
+is there for long documents, and eviction is silent, so the default should rarely evict: 65536 is
+Memorizing Transformers' largest memory); ``fixed_distance=1024`` (a memory just beyond a typical
+local window, as in InfLLM; distance 0 would make ``"fixed"`` the same as ``"none"``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..memory import KNNMemory
+from ..ops.memory_attention import memory_attention, merge_attention
+from .rotary import RotaryCache, apply_rotary
+
+COMBINES = ("joint", "gate")
+POSITIONS = ("rotate", "none", "fixed")
+DEFAULT_TOP_K = 32
+DEFAULT_CAPACITY = 65536
+DEFAULT_FIXED_DISTANCE = 1024
+
+
+def read_memory(
+    memory: KNNMemory,
+    q: torch.Tensor,
+    q_rot: torch.Tensor,
+    *,
+    top_k: int,
+    scale: float,
+    position: str,
+    rope: Optional[RotaryCache],
+    fixed_distance: int,
+    backend: str,
+    max_position: int = 0,
+    xl_start: Optional[torch.Tensor] = None,
+    xl_valid: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each query's ``top_k`` memories of its batch row, attended under the position policy.
+
+    Args:
+        memory: the store (keys before rotary embedding, absolute positions).
+        q: ``[B, Hq, T, D]`` queries before rotary embedding (the search is position-free).
+        q_rot: the same queries rotated at their own positions (read by ``"rotate"``).
+        top_k, scale, position, fixed_distance, backend: as in ``KNNMemoryAttention``.
+        rope: the rotary tables (None: no rotary embedding; then ``position`` is ignored).
+        max_position: an upper bound on the stored positions (``"rotate"`` reads tables that far).
+        xl_start, xl_valid: ``[B]``: row b's memories at positions ``>= xl_start[b]`` are skipped
+            where ``xl_valid[b]`` (they are in the local context already, and must not count twice).
+
+    Returns:
+        ``(out [B, Hq, T, D], lse [B, Hq, T])``; a query with no memory gets ``lse = -inf``.
+    """
+    res = memory.search(q.detach().to(memory.dtype), top_k, gather=False)
+    indices = res.indices
+    if xl_start is not None:
+        in_xl = (res.positions >= xl_start[:, None, None, None]) & xl_valid[:, None, None, None]
+        indices = indices.masked_fill(in_xl, -1)
+    keys, values, positions = memory.keys, memory.values, memory.positions
+    kwargs = {}
+    if rope is None or position == "none":
+        q_mem = q if rope is not None else q_rot
+    elif position == "fixed":
+        cos, sin = rope.get(fixed_distance + 1, q.device)
+        q_mem = apply_rotary(q, cos[fixed_distance], sin[fixed_distance])
+    else:  # rotate
+        cos, sin = rope.get(max_position, q.device)
+        q_mem = q_rot
+        kwargs = dict(mem_positions=positions, rotary_cos=cos, rotary_sin=sin)
+    return memory_attention(q_mem.to(memory.dtype), keys, values, indices, scale=scale, backend=backend, **kwargs)
+
+
+def combine_memory(
+    out_local: torch.Tensor,
+    lse_local: Optional[torch.Tensor],
+    out_mem: torch.Tensor,
+    lse_mem: torch.Tensor,
+    combine: str,
+    gate: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Merge the local attention ``out_local [B, Hq, T, D]`` with the memories' ``out_mem``.
+
+    ``"joint"`` needs the local log-sum-exp ``lse_local [B, Hq, T]``; ``"gate"`` mixes with
+    ``sigmoid(gate [Hq])``, and a query with no memory (``lse_mem = -inf``) keeps its local output.
+    Returns fp32.
+    """
+    if combine == "joint":
+        out, _ = merge_attention(out_local.float(), lse_local, out_mem.float(), lse_mem)
+        return out.float()
+    g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)
+    mixed = g * out_mem.float() + (1 - g) * out_local.float()
+    return torch.where(torch.isfinite(lse_mem)[..., None], mixed, out_local.float())
+
+
+__all__ = ["read_memory", "combine_memory", "COMBINES", "POSITIONS", "DEFAULT_TOP_K", "DEFAULT_CAPACITY",
+           "DEFAULT_FIXED_DISTANCE"]
