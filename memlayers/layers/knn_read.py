@@ -73,6 +73,10 @@ def read_memory(
         in_xl = (res.positions >= xl_start[:, None, None, None]) & xl_valid[:, None, None, None]
         indices = indices.masked_fill(in_xl, -1)
     keys, values, positions = memory.keys, memory.values, memory.positions
+    if torch.is_grad_enabled() and (q.requires_grad or q_rot.requires_grad):
+        # The op keeps the buffers for backward, and the next write changes them in place: read a
+        # snapshot so that backward sees what forward saw (issue 13).
+        keys, values, positions = keys.clone(), values.clone(), positions.clone()
     kwargs = {}
     if rope is None or position == "none":
         q_mem = q if rope is not None else q_rot
