@@ -8,7 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench native setup clean
+TRITON36 := .triton36/.installed
+JOBS ?= 2
+
+.PHONY: demo test test-gpu bench native setup clean triton36 compile-gate compile-sweep gpu-check
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +27,35 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/memlayers demo
 
-# Triton kernels run under the interpreter on machines without a GPU.
-test: $(STAMP)
+# The lent GPU machines' Triton, beside the venv (never imported by it): the compile gate compiles every
+# kernel with it as well as with the venv's own Triton.
+$(TRITON36): | $(STAMP)
+	$(BIN)/pip install --quiet --no-deps --target .triton36 "triton==3.6.*"
+	touch $(TRITON36)
+
+triton36: $(TRITON36)
+
+# Triton kernels run under the interpreter on machines without a GPU; tests/compile compiles them for real.
+test: $(STAMP) $(TRITON36)
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$($(BIN)/python -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 		$(BIN)/python -m pytest tests -q -p no:cacheprovider
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m gpu
+
+# The compile gate's table (shared memory, registers, spills per kernel, sm_90 and sm_80), both Tritons.
+compile-gate: $(STAMP) $(TRITON36)
+	PYTHONPATH=.triton36 $(BIN)/python tools/compile_gate.py --set gate --jobs $(JOBS)
+	$(BIN)/python tools/compile_gate.py --set gate --jobs $(JOBS)
+
+# Every specialization over the supported range (hours on 2 cores: run it with JOBS=16 on a big machine).
+compile-sweep: $(STAMP) $(TRITON36)
+	PYTHONPATH=.triton36 $(BIN)/python tools/compile_gate.py --set sweep --jobs $(JOBS) --json .cache/compile-sweep-triton3.6.json
+	$(BIN)/python tools/compile_gate.py --set sweep --jobs $(JOBS) --json .cache/compile-sweep-triton-installed.json
+
+# On a machine with a CUDA GPU and no network: its own python, torch, triton, transformers; no venv, no pip.
+gpu-check:
+	PYTHONPATH=. python3 bench/gpu_check.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --op all
