@@ -57,10 +57,11 @@ def test_linear_kernel_matches_naive(device, T, chunk, momentum, forget, bias):
     compare(inp, device, 1e-5, chunk_size=chunk, bias=bias, delta=0.3, p=2.5)
 
 
-@pytest.mark.parametrize("T,chunk,DK,DV", [(70, 16, 16, 16), (33, 32, 80, 48)])
+@pytest.mark.parametrize("T,chunk,DK,DV", [(70, 16, 16, 16), (33, 32, 80, 48), (19, 16, 24, 150)])
 def test_linear_kernel_segments_and_head_dims(device, T, chunk, DK, DV):
     # 70 tokens / 16 = 5 chunks -> checkpoints every 3: segments of 3 and 2 chunks in the backward.
-    # Head dims that are not powers of two exercise the padded (masked) tiles.
+    # Head dims that are not powers of two exercise the padded (masked) tiles; Dv = 48 with Dk = 80
+    # and Dv = 150 split the memory over 2 and 3 value-column programs (the last one partial).
     inp = make_inputs(1, 1, T, DK, DV, 1)
     compare(inp, device, 1e-5, chunk_size=chunk)
 
@@ -81,8 +82,10 @@ def test_gate_gradients_at_range_ends(device, depth, gate_end):
 
 
 @pytest.mark.parametrize("depth", [1, 2])
-def test_kernel_bf16_inputs(device, depth):
-    inp = make_inputs(1, 1, 40, 16, 16, depth, hidden=16, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_inputs(device, depth, dtype):
+    # fp16 dots run in fp16 even on the interpreter; bf16 ones in fp32 there (see triton._matmul_dtype).
+    inp = make_inputs(1, 1, 40, 16, 16, depth, hidden=16, dtype=dtype)
     compare(inp, device, 1e-2, chunk_size=16)
 
 

@@ -19,6 +19,9 @@ from .naive import BIASES, memory_apply, titans_chunked_naive, titans_recurrent_
 
 State = Tuple[torch.Tensor, ...]
 MAX_KERNEL_DIM = 256
+# Chunk sizes the kernels take: tl.dot tiles need >= 16; past 64 the [C, D] tiles outgrow the budget
+# of registers and shared memory the kernels are sized for (larger chunks run on the torch path).
+KERNEL_CHUNKS = (16, 32, 64)
 
 
 def _check_float(name: str, value, *, positive: bool = False, minimum: Optional[float] = None) -> float:
@@ -95,8 +98,8 @@ def kernel_supports(weights: Sequence[torch.Tensor], q: torch.Tensor, v: torch.T
     """Why the Triton kernels cannot run this call (None when they can)."""
     if len(weights) > 2:
         return f"the kernels implement the linear memory and the depth-2 MLP, got depth {len(weights)}"
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        return f"the kernels need chunk_size a power of two >= 16 (tl.dot tiles), got {chunk_size}"
+    if chunk_size not in KERNEL_CHUNKS:
+        return f"the kernels need chunk_size in {KERNEL_CHUNKS}, got {chunk_size}"
     dims = [q.shape[-1], v.shape[-1]] + [w.shape[-1] for w in weights]
     if max(dims) > MAX_KERNEL_DIM:
         return f"the kernels support feature dimensions up to {MAX_KERNEL_DIM}, got {max(dims)}"
@@ -140,7 +143,7 @@ def titans_memory(
         alpha: ``[B, H, T]`` forget gates in [0, 1] (weight decay), or None for no forgetting.
         eta: ``[B, H, T]`` momentum gates in [0, 1], or None for no momentum (``S_t = -theta_t g_t``).
         momentum: initial surprise, same shapes as ``weights`` (zeros when None); only with ``eta``.
-        chunk_size: tokens per chunk (the kernels need a power of two >= 16). 1 = exact recurrence.
+        chunk_size: tokens per chunk (the kernels take 16, 32 or 64). 1 = exact recurrence.
         bias: attentional bias ``"l2"`` (Titans), ``"lp"`` (Moneta, exponent ``p``, smoothing
             ``eps``) or ``"huber"`` (Yaad, threshold ``delta``).
         allow_tf32: let fp32 inputs use tf32 matmuls in the kernels (fp16/bf16 inputs always may).

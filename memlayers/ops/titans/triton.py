@@ -11,10 +11,12 @@ weights are never held for the whole sequence (O(sqrt(T / chunk)) states instead
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
+import triton.language as tl
 
 from .triton_common import BIAS_IDS
 from .triton_linear import titans_linear_bwd_kernel, titans_linear_fwd_kernel
@@ -31,8 +33,27 @@ def checkpoint_every(n_chunks: int) -> int:
     return max(1, math.ceil(math.sqrt(max(n_chunks, 1))))
 
 
+# Dot operands: fp16/bf16 inputs multiply in their own dtype; fp32 inputs in fp32 on tensor cores,
+# "tf32x3" (three tf32 products, fp32-level accuracy) unless tf32 was allowed.
+MATMUL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _matmul_dtype(dtype: torch.dtype):
+    # Triton's CPU interpreter (3.6 and 3.9) returns garbage from tl.dot on bf16 operands (fp16 is
+    # right), so interpreted runs keep bf16 inputs' operands in fp32; compiled kernels use bf16.
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return MATMUL_DTYPES[dtype]
+
+
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+    return "tf32" if dtype != torch.float32 or allow_tf32 else "tf32x3"
+
+
+def value_block(bk: int, bv: int) -> int:
+    """Value columns per program of the linear memory: the ``[BK, BV]`` fp32 blocks of ``W``, ``S``
+    and their gradients stay in registers, and every dot operand fits in shared memory."""
+    return min(bv, 64 if bk <= 64 else 32 if bk <= 128 else 16)
 
 
 def _warps(*blocks: int) -> int:
@@ -55,7 +76,10 @@ class _Geometry:
         self.NC = triton.cdiv(self.T, chunk_size)
         self.R = checkpoint_every(self.NC)
         self.NSEG = max(1, triton.cdiv(self.NC, self.R))
-        self.BK, self.BV, self.BHID = _block(self.DK), _block(self.DV), _block(self.DH)
+        self.BK, self.BHID = _block(self.DK), _block(self.DH)
+        # The linear memory's programs each own BV value columns; the MLP's one whole head.
+        self.BV = value_block(self.BK, _block(self.DV)) if len(weights) == 1 else _block(self.DV)
+        self.NV = triton.cdiv(self.DV, self.BV)
 
 
 def _state_shapes(g: _Geometry, depth: int):
@@ -70,7 +94,7 @@ def _state_buffers(lead, shapes, has_momentum, dev):
     return ws, ([torch.empty_like(w) for w in ws] if has_momentum else ws)
 
 
-def _launch_args(g: _Geometry, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, prec):
+def _launch_args(g: _Geometry, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, mm_dtype, prec):
     """What the forward and the backward launches share: ``(gate tensors, scalars, constexpr keywords)``.
 
     ``theta`` stands in for an absent ``alpha`` or ``eta`` (the kernels never read it then).
@@ -82,7 +106,7 @@ def _launch_args(g: _Geometry, depth, theta, alpha, eta, has_momentum, bias, p, 
     else:
         sizes = dict(D=g.DK, DH=g.DH, BD=g.BK, BHD=g.BHID)
     flags = dict(
-        sizes, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], PREC=prec,
+        sizes, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], MM=mm_dtype, PREC=prec,
         num_warps=_warps(g.BK, g.BV, g.BHID),
     )
     return gates, (g.T, g.NC, g.R, p, delta, eps), flags
@@ -99,10 +123,12 @@ def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size,
     s0 = [_f32(s) for s in momentum] if momentum is not None else w0
     wt, st = _state_buffers((g.B, g.H), shapes, momentum is not None, dev)
     ckw, cks = _state_buffers((g.BH * g.NSEG,), shapes, momentum is not None, dev)
-    gates, scalars, flags = _launch_args(g, depth, theta, alpha, eta, momentum is not None, bias, p, delta, eps, prec)
+    gates, scalars, flags = _launch_args(
+        g, depth, theta, alpha, eta, momentum is not None, bias, p, delta, eps, _matmul_dtype(q.dtype), prec
+    )
     qkv = (q.contiguous(), k.contiguous(), v.contiguous())
     if depth == 1:
-        titans_linear_fwd_kernel[(g.BH,)](
+        titans_linear_fwd_kernel[(g.BH, g.NV)](
             *qkv, *gates, w0[0], s0[0], y, wt[0], st[0], ckw[0], cks[0], *scalars, **flags,
         )
     else:
@@ -120,18 +146,24 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     ckw, cks = ckpt
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # Kernels index rows contiguously: gradients must not inherit a transposed layout from q, k, v.
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=dev) for t in (q, k, v))
-    dth = torch.empty(g.B, g.H, g.T, dtype=torch.float32, device=dev)
+    # Gradients that sum over the linear memory's value blocks are written per block (fp32) and summed here.
+    nv = g.NV if depth == 1 else 1
+    dqp, dkp = (torch.empty(nv, *t.shape, dtype=t.dtype if nv == 1 else torch.float32, device=dev) for t in (q, k))
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    dth = torch.empty(nv, g.B, g.H, g.T, dtype=torch.float32, device=dev)
     dal = torch.empty_like(dth) if alpha is not None else dth
     det = torch.empty_like(dth) if has_momentum else dth
     dw0, ds0 = _state_buffers((g.B, g.H), shapes, has_momentum, dev)
-    # Scratch for one segment's recomputed chunk-start states, padded to the kernels' tiles.
-    scw, scs = _state_buffers((g.BH * g.R,), [(_block(a), _block(b)) for a, b in shapes], has_momentum, dev)
-    gates, scalars, flags = _launch_args(g, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, prec)
+    # Scratch for one segment's recomputed chunk-start states, per program, padded to its tiles.
+    tiles = [(g.BK, g.BV)] if depth == 1 else [(_block(a), _block(b)) for a, b in shapes]
+    scw, scs = _state_buffers((g.BH * nv * g.R,), tiles, has_momentum, dev)
+    gates, scalars, flags = _launch_args(
+        g, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, _matmul_dtype(q.dtype), prec
+    )
     qkv = (q, k, v)
-    grads = (dq, dk, dv, dth, dal, det)
+    grads = (dqp, dkp, dv, dth, dal, det)
     if depth == 1:
-        titans_linear_bwd_kernel[(g.BH,)](
+        titans_linear_bwd_kernel[(g.BH, g.NV)](
             *qkv, *gates, ckw[0], cks[0], scw[0], scs[0], dy.contiguous(), dwt[0], dst[0],
             *grads, dw0[0], ds0[0], *scalars, **flags,
         )
@@ -140,6 +172,8 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
             *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dwt, *dst,
             *grads, *dw0, *ds0, *scalars, **flags,
         )
+    dq, dk = (t[0] if nv == 1 else t.sum(0).to(x.dtype) for t, x in ((dqp, q), (dkp, k)))
+    dth, dal, det = (t[0] if nv == 1 else t.sum(0) for t in (dth, dal, det))
     return (dq, dk, dv, dth, dal if alpha is not None else None, det if has_momentum else None,
             tuple(dw0), tuple(ds0) if has_momentum else None)
 

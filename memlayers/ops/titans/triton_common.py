@@ -12,70 +12,87 @@ BIAS_IDS = {"l2": 0, "lp": 1, "huber": 2}
 
 
 @triton.jit
-def _load_rows(P, base, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+def mm(a, b, MM: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` with both operands cast to ``MM`` and fp32 accumulation.
+
+    ``MM`` is the inputs' dtype for fp16/bf16 (half the shared memory of fp32 operands, full-rate
+    tensor cores) and fp32 for fp32 inputs, where ``PREC`` ("tf32x3" or, when allowed, "tf32")
+    keeps the dots on tensor cores: "ieee" fp32 dots run on FMA units with register-hungry layouts.
+    """
+    return tl.dot(a.to(MM), b.to(MM), input_precision=PREC, out_dtype=tl.float32)
+
+
+@triton.jit
+def _row_block(P, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    """Pointers and mask of rows ``t0 .. t0+BC`` (of ``T``), columns ``c0 .. c0+BD`` (of ``D``) of a
+    row-major ``[*, D]`` matrix whose row 0 is row ``base`` of ``P``."""
     rc = tl.arange(0, BC)
-    rd = tl.arange(0, BD)
+    rd = c0 + tl.arange(0, BD)
     m = ((t0 + rc) < T)[:, None] & (rd < D)[None, :]
-    return tl.load(P + (base + t0 + rc)[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+    return P + (base + t0 + rc)[:, None] * D + rd[None, :], m
 
 
 @triton.jit
-def _store_rows(P, x, base, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
-    rc = tl.arange(0, BC)
-    rd = tl.arange(0, BD)
-    m = ((t0 + rc) < T)[:, None] & (rd < D)[None, :]
-    tl.store(P + (base + t0 + rc)[:, None] * D + rd[None, :], x.to(P.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _mat_ptrs(P, idx, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    """Pointers and mask of matrix ``idx`` in a stack of ``[R, C]`` row-major matrices."""
-    rr = tl.arange(0, BR)
-    cc = tl.arange(0, BCOL)
-    return P + idx * (R * C) + rr[:, None] * C + cc[None, :], (rr < R)[:, None] & (cc < C)[None, :]
-
-
-@triton.jit
-def _load_mat(P, idx, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    ptrs, m = _mat_ptrs(P, idx, R, C, BR, BCOL)
+def _load_rows(P, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    ptrs, m = _row_block(P, base, t0, T, c0, D, BD, BC)
     return tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_mat(P, idx, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    ptrs, m = _mat_ptrs(P, idx, R, C, BR, BCOL)
+def _store_rows(P, x, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    ptrs, m = _row_block(P, base, t0, T, c0, D, BD, BC)
+    tl.store(ptrs, x.to(P.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mat_ptrs(P, idx, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    """Pointers and mask of columns ``c0 .. c0+BCOL`` of matrix ``idx`` in a stack of ``[R, C]`` row-major matrices."""
+    rr = tl.arange(0, BR)
+    cc = c0 + tl.arange(0, BCOL)
+    return P + idx * (R * C) + rr[:, None] * C + cc[None, :], (rr < R)[:, None] & (cc < C)[None, :]
+
+
+@triton.jit
+def _load_mat(P, idx, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    ptrs, m = _mat_ptrs(P, idx, c0, R, C, BR, BCOL)
+    return tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_mat(P, idx, c0, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    ptrs, m = _mat_ptrs(P, idx, c0, R, C, BR, BCOL)
     tl.store(ptrs, x, mask=m)
 
 
 @triton.jit
-def _load_state(PW, PS, idx, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+def _load_state(PW, PS, idx, c0, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                 BR: tl.constexpr, BCOL: tl.constexpr):
-    """One layer's state ``(W, S)``: matrix ``idx`` of the stacks ``PW``, ``PS`` (``S`` is 0 without momentum)."""
-    W = _load_mat(PW, idx, R, C, BR, BCOL)
+    """One layer's state block ``(W, S)`` (columns from ``c0``) of matrix ``idx`` of ``PW``, ``PS`` (``S`` is 0 without momentum)."""
+    W = _load_mat(PW, idx, c0, R, C, BR, BCOL)
     if MOMENTUM:
-        S = _load_mat(PS, idx, R, C, BR, BCOL)
+        S = _load_mat(PS, idx, c0, R, C, BR, BCOL)
     else:
         S = tl.zeros([BR, BCOL], dtype=tl.float32)
     return W, S
 
 
 @triton.jit
-def _store_state(PW, PS, idx, W, S, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+def _store_state(PW, PS, idx, c0, W, S, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                  BR: tl.constexpr, BCOL: tl.constexpr):
-    """Store one layer's state ``(W, S)`` as matrix ``idx`` of ``PW``, ``PS`` (``S`` only with momentum)."""
-    _store_mat(PW, idx, W, R, C, BR, BCOL)
+    """Store one layer's state block ``(W, S)`` into matrix ``idx`` of ``PW``, ``PS`` (``S`` only with momentum)."""
+    _store_mat(PW, idx, c0, W, R, C, BR, BCOL)
     if MOMENTUM:
-        _store_mat(PS, idx, S, R, C, BR, BCOL)
+        _store_mat(PS, idx, c0, S, R, C, BR, BCOL)
 
 
 @triton.jit
 def _load_chunk_bwd_rows(Q, K, V, DY, tbase, t0, T, DK: tl.constexpr, DV: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
     """A chunk's rows of ``q, k [C, DK]`` and ``v, dy [C, DV]`` (fp32, zero past ``T``)."""
-    q = _load_rows(Q, tbase, t0, T, DK, BK, BC)
-    k = _load_rows(K, tbase, t0, T, DK, BK, BC)
-    v = _load_rows(V, tbase, t0, T, DV, BV, BC)
-    dy = _load_rows(DY, tbase, t0, T, DV, BV, BC)
+    q = _load_rows(Q, tbase, t0, T, 0, DK, BK, BC)
+    k = _load_rows(K, tbase, t0, T, 0, DK, BK, BC)
+    v = _load_rows(V, tbase, t0, T, 0, DV, BV, BC)
+    dy = _load_rows(DY, tbase, t0, T, 0, DV, BV, BC)
     return q, k, v, dy
 
 
@@ -83,9 +100,9 @@ def _load_chunk_bwd_rows(Q, K, V, DY, tbase, t0, T, DK: tl.constexpr, DV: tl.con
 def _store_chunk_grads(DQ, DK_, DV_, dq, dk, dv, tbase, t0, T, DK: tl.constexpr, DV: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
     """Store a chunk's rows of ``dq, dk [C, DK]`` and ``dv [C, DV]``."""
-    _store_rows(DQ, dq, tbase, t0, T, DK, BK, BC)
-    _store_rows(DK_, dk, tbase, t0, T, DK, BK, BC)
-    _store_rows(DV_, dv, tbase, t0, T, DV, BV, BC)
+    _store_rows(DQ, dq, tbase, t0, T, 0, DK, BK, BC)
+    _store_rows(DK_, dk, tbase, t0, T, 0, DK, BK, BC)
+    _store_rows(DV_, dv, tbase, t0, T, 0, DV, BV, BC)
 
 
 @triton.jit
@@ -182,9 +199,11 @@ def gate_grad(G, dP, L, lcum, gate, BC: tl.constexpr):
 def gates_bwd(
     dct, dw_end, ds_end, dA, dd, db_end,
     th, la, lb, LA, LB, c, Bv, is_last,
-    AL, ET, DTH, DAL, DET, gbase, t0, T, BC: tl.constexpr, MOMENTUM: tl.constexpr, FORGET: tl.constexpr,
+    AL, ET, DTH, DAL, DET, gbase, obase, t0, T, BC: tl.constexpr, MOMENTUM: tl.constexpr, FORGET: tl.constexpr,
 ):
     """Back-propagate to theta, alpha, eta and store their gradients for this chunk.
+
+    Gates are read at ``gbase + t0``, gradients written at ``obase + t0`` (a partial-sum buffer's row).
 
     Inputs are the gradients of the chunk's uses of the gates: ``dct [C, C]`` of ``c * theta``
     (masked matmul weights), ``dw_end [C]`` of ``c[last] * theta`` (state update), ``ds_end [C]`` of
@@ -204,11 +223,11 @@ def gates_bwd(
         dLB = tl.dot(tl.trans(LA), dc, input_precision="ieee") + tl.where(is_last[:, None], (ds_end * th)[None, :], 0.0)
         dBv = tl.sum(LA * dd[:, None], 0) + tl.where(is_last, db_end, 0.0)
         et = tl.load(ET + gbase + t0 + rc, mask=tm, other=1.0).to(tl.float32)
-        tl.store(DET + gbase + t0 + rc, gate_grad(dLB, dBv, LB, lb, et, BC), mask=tm)
+        tl.store(DET + obase + t0 + rc, gate_grad(dLB, dBv, LB, lb, et, BC), mask=tm)
         dLA = tl.dot(dc, tl.trans(LB), input_precision="ieee") + dd[:, None] * Bv[None, :]
     else:
         dLA = dc
     if FORGET:
         keep = 1.0 - tl.load(AL + gbase + t0 + rc, mask=tm, other=0.0).to(tl.float32)
-        tl.store(DAL + gbase + t0 + rc, -gate_grad(dLA, dA, LA, la, keep, BC), mask=tm)
-    tl.store(DTH + gbase + t0 + rc, dth, mask=tm)
+        tl.store(DAL + obase + t0 + rc, -gate_grad(dLA, dA, LA, la, keep, BC), mask=tm)
+    tl.store(DTH + obase + t0 + rc, dth, mask=tm)
