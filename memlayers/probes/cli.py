@@ -9,7 +9,18 @@
         return run_probe(args)
 
 Errors in what the user typed (a missing model path, a bad option value, settings that clash with
-an earlier run in ``--out``) print one line and return exit code 2, without a traceback.
+an earlier run in ``--out``) print one line and return exit code 2, without a traceback. They are
+found before any cell runs:
+
+- ``--out`` must be a folder, or creatable as one, that can be written in.
+- ``--lengths`` (``--distances``) must fit the model's positions (``max_position_embeddings`` or
+  ``n_positions`` of its config); with ``--memory knn``, where the context goes into the memory, they
+  must fit what the memory holds (its ``capacity``) instead.
+- Earlier records in ``--out`` must be readable: a damaged cell JSON is named, to delete or redo.
+
+Plots are optional: without matplotlib (``pip install 'memlayers[plots]'``) the run says so in one
+line up front, then runs every cell and writes the records and ``summary.md`` without pictures.
+A file that cannot be written during the run (disk full, permissions) is named in one line, exit 2.
 """
 from __future__ import annotations
 
@@ -17,9 +28,12 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Dict, Sequence
 
 from .haystack import parse_size, parse_sizes
+from .plots import PLOTS_INSTALL, plots_available
 
 PROBES = ("needle", "passkey", "retention", "mqar")
 
@@ -121,7 +135,8 @@ def _add_length_depth_options(p: argparse.ArgumentParser, item: str, lengths_exa
                               spacing_help: str = "spacing of N depths") -> None:
     """``--lengths``, ``--depths`` and ``--depth-spacing`` of the probes that hide ``item`` at a depth."""
     p.add_argument("--lengths", type=_sizes_type(16), default=[1024, 2048, 4096], metavar="L1,L2,...",
-                   help=f"prompt lengths in tokens, k = 1024 ({lengths_example}default 1k,2k,4k)")
+                   help=f"prompt lengths in tokens, k = 1024 ({lengths_example}default 1k,2k,4k); at most the model's "
+                        "positions, or with --memory knn the memory's capacity")
     p.add_argument("--depths", type=_depths_type, default=5, metavar="N|D1,D2,...",
                    help=f"number of {item} depths (an integer), or the depths as fractions, e.g. 0.5 or 0,0.25,1 (default 5)")
     p.add_argument("--depth-spacing", choices=("linear", "sigmoid"), default="linear", help=spacing_help)
@@ -209,6 +224,61 @@ def _memory_setup(model, args):
     return attach_memory(model, args.memory, options)
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` is a folder, or can be made one, that this process can write in (nothing is created)."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _UsageError(f"--out {str(out)!r}: {str(existing)!r} exists and is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise _UsageError(f"--out {str(out)!r}: cannot write in {str(existing)!r} ({e.strerror or e})") from None
+
+
+def _model_positions(name_or_path: str):
+    """``(positions, config field)`` from a HF model's config (read without its weights), or ``None``
+    when the config cannot be read here (loading the model reports that) or names no limit."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(os.path.expanduser(name_or_path))
+    except Exception:  # noqa: BLE001 - any failure is reported by load_model with its reason
+        return None
+    for field in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, field
+    return None
+
+
+def _knn_capacity(options: Dict):
+    """Tokens the kNN memory will hold with these ``--memory-option`` values (None: unknown here)."""
+    try:
+        from ..hf import KNNMemoryConfig
+
+        return KNNMemoryConfig(**options).capacity
+    except Exception:  # noqa: BLE001 - bad options are reported when the memory is attached
+        return None
+
+
+def _check_lengths(option: str, lengths: Sequence[int], model: str, memory: str, options: Dict) -> None:
+    """Before the model loads: the longest prompt must fit the model's positions, or with kNN memory
+    (the context goes into the memory) what the memory holds."""
+    longest = max(lengths)
+    if memory == "knn":
+        capacity = _knn_capacity(options)
+        if isinstance(capacity, int) and longest > capacity:
+            raise _UsageError(f"{option}: {longest} tokens exceed what the kNN memory holds ({capacity} tokens); "
+                              "give shorter lengths or a larger --memory-option capacity=N")
+        return
+    limit = _model_positions(model)
+    if limit is not None and longest > limit[0]:
+        raise _UsageError(f"{option}: {longest} tokens exceed the model's {limit[0]} positions ({limit[1]})")
+
+
 def _device(args):
     import torch
 
@@ -233,6 +303,10 @@ def _run_text(args) -> Path:
         haystack = Haystack.from_file(args.haystack)
     name = f"needle-{args.variant}" if args.probe == "needle" else args.probe
     out = args.out / name
+    if args.probe == "retention":
+        _check_lengths("--distances", args.distances, args.model, args.memory, dict(args.memory_option))
+    else:
+        _check_lengths("--lengths", args.lengths, args.model, args.memory, dict(args.memory_option))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args))
     memory_config = _memory_setup(model, args)
     default_tokens = {"needle": 128, "passkey": 16, "retention": 32}[args.probe]
@@ -277,6 +351,8 @@ def _run_mqar(args) -> Path:
     if args.model is not None:
         from .hf import load_model
 
+        # MQAR feeds whole sequences to the model, with or without memory: its positions bound them
+        _check_lengths("--lengths", args.lengths, args.model, "none", {})
         model, _ = load_model(args.model, dtype=args.dtype, device=device, tokenizer=False)
         memory_config = _memory_setup(model, args)
         model_vocab = model.get_output_embeddings().weight.shape[0]
@@ -285,7 +361,7 @@ def _run_mqar(args) -> Path:
             raise _UsageError(f"--vocab-size {vocab} exceeds the model's vocabulary ({model_vocab})")
         reset = None
         if args.memory != "none":
-            from ..models import reset_memory
+            from ..hf import reset_memory
 
             def reset():
                 reset_memory(model)
@@ -334,15 +410,19 @@ def run_probe(args: argparse.Namespace) -> int:
         print(f"{prog}: error: choose a probe: {', '.join(PROBES)}", file=sys.stderr)
         return 2
     try:
-        if args.out.exists() and not args.out.is_dir():
-            raise _UsageError(f"--out {str(args.out)!r} exists and is not a folder")
+        _check_out(args.out)
         if args.memory == "none" and args.memory_option:
             raise _UsageError("--memory-option needs --memory knn or titans")
+        if not plots_available():
+            print(f"{prog}: note: matplotlib is not installed, so the run writes its records and summary.md "
+                  f"but no plots ({PLOTS_INSTALL})", file=sys.stderr)
         out = _run_mqar(args) if args.probe == "mqar" else _run_text(args)
-    except (_UsageError, ModelLoadError, MemoryUnavailableError, ValueError, TypeError) as e:
-        # bad input, reported in one line; MEMLAYERS_DEBUG=1 shows the traceback
+    except (_UsageError, ModelLoadError, MemoryUnavailableError, ValueError, TypeError, OSError) as e:
+        # bad input or an unwritable file, reported in one line; MEMLAYERS_DEBUG=1 shows the traceback
         if os.environ.get("MEMLAYERS_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.filename is not None:
+            e = f"{str(e.filename)!r}: {e.strerror or e}"
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,8 +6,12 @@ caller's pyplot backend.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+# matplotlib is optional (the extra memlayers[plots]); without it runs write records and summary.md only.
+PLOTS_INSTALL = "pip install 'memlayers[plots]'"
 
 # The red-yellow-green of the customary needle-in-a-haystack heatmaps (0 = red, 1 = green).
 HEATMAP_COLORS = ("#F0496E", "#EBB839", "#0CD79F")
@@ -20,6 +24,15 @@ AXIS_LABELS = {
     "seq_len": "Sequence length (tokens)",
     "num_kv_pairs": "Key-value pairs",
 }
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported (the heatmaps and curves need it; summaries do not)."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        return False
+    return True
 
 
 def fmt_tokens(n: int) -> str:

@@ -32,6 +32,25 @@ def cell_name(cell: Dict) -> str:
     return "__".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cell.items())
 
 
+def read_json(path: Path, what: str) -> Dict:
+    """A JSON object written by this module; a damaged or foreign file is a ``ValueError`` naming it."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        obj = None
+        problem = "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        obj = None
+        problem = f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    else:
+        problem = None if isinstance(obj, dict) else f"holds a {type(obj).__name__}, not a JSON object"
+    if problem is None and what == "cell record" and "score" not in obj:
+        problem = "has no 'score'"
+    if problem is not None:
+        raise ValueError(f"damaged {what} {str(path)!r}: {problem}; delete it to redo it (or rerun with --overwrite)")
+    return obj
+
+
 def _write_json(path: Path, obj) -> None:
     # write-then-rename: a run killed mid-write leaves no half record that would be taken as done
     tmp = path.with_name(path.name + ".tmp")
@@ -45,7 +64,7 @@ def _prepare(out_dir, config: Dict, overwrite: bool) -> Path:
         raise ValueError(f"out_dir {str(out)!r} exists and is not a folder")
     manifest = out / "manifest.json"
     if manifest.exists() and not overwrite:
-        old = json.loads(manifest.read_text()).get("config", {})
+        old = read_json(manifest, "run manifest").get("config", {})
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
@@ -90,18 +109,19 @@ def run_cells(
         raise ValueError("cells must be a non-empty list of non-empty dicts")
     json.dumps(config)  # fail on unserializable settings before touching the folder
     out = _prepare(out_dir, config, overwrite)
+    paths = [out / "cells" / f"{cell_name(cell)}.json" for cell in cells]
+    # Every earlier record is read before any new work: a damaged one fails the run up front.
+    done = {i: read_json(p, "cell record") for i, p in enumerate(paths) if p.exists()}
 
     from tqdm import tqdm
 
     records = []
-    skipped = 0
     bar = tqdm(cells, desc=desc, disable=not progress, unit="cell")
-    for cell in bar:
-        path = out / "cells" / f"{cell_name(cell)}.json"
-        if path.exists():
-            records.append(json.loads(path.read_text()))
-            skipped += 1
-            bar.set_postfix(done_before=skipped)
+    if done:
+        bar.set_postfix(done_before=len(done))
+    for i, (cell, path) in enumerate(zip(bar, paths)):
+        if i in done:
+            records.append(done[i])
             continue
         t0 = time.perf_counter()
         result = evaluate(cell)
@@ -123,7 +143,7 @@ def load_records(out_dir) -> List[Dict]:
     cells = Path(out_dir) / "cells"
     if not cells.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} has no cells/ folder: not a probe run")
-    return [json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))]
+    return [read_json(p, "cell record") for p in sorted(cells.glob("*.json"))]
 
 
 def text_evaluator(

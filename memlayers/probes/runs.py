@@ -6,7 +6,7 @@ Example (any HF causal LM; see ``memlayers probe --help`` for the command line):
     model, tok = load_model("path/to/model")
     run_needle(HFResponder(model, tok, max_new_tokens=128), tok, "out/needle-single",
                lengths=[1024, 4096], depths=5)
-    # -> out/needle-single/cells/*.json, heatmap.png, summary.md
+    # -> out/needle-single/cells/*.json, heatmap.png (with matplotlib: memlayers[plots]), summary.md
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import nn
 from .generators import NEEDLE_VARIANTS, needle_sample, passkey_sample, retention_sample
 from .haystack import Haystack, check_tokenizer, depth_grid
 from .mqar import evaluate_mqar, mqar_data
-from .plots import plot_curves, plot_heatmap, summary_markdown
+from .plots import plot_curves, plot_heatmap, plots_available, summary_markdown
 from .runner import Responder, run_cells, text_evaluator
 
 
@@ -54,11 +54,14 @@ def _responder_config(responder) -> Dict:
 
 
 def write_report(out_dir, records: Sequence[Dict], *, x: str, y: str, title: str, curves: bool = False) -> List[Path]:
-    """Write ``heatmap.png`` (or ``retention.png`` when ``curves``) and ``summary.md`` into ``out_dir``."""
+    """Write ``summary.md`` and, where matplotlib is installed (``plots_available()``), ``heatmap.png``
+    (or ``retention.png`` when ``curves``) into ``out_dir``; returns the files written."""
     out = Path(out_dir)
-    png = (plot_curves if curves else plot_heatmap)(records, out / ("retention.png" if curves else "heatmap.png"), x=x, y=y, title=title)
     md = out / "summary.md"
     md.write_text(summary_markdown(records, x=x, y=y, title=title) + "\n")
+    if not plots_available():
+        return [md]
+    png = (plot_curves if curves else plot_heatmap)(records, out / ("retention.png" if curves else "heatmap.png"), x=x, y=y, title=title)
     return [png, md]
 
 

@@ -78,9 +78,9 @@ def test_memory_attached(model_dir, tmp_path, capsys, kind, options, check):
             "--chunk-size", "64", "--lengths", "256", "--depths", "0.5", "--max-new-tokens", "3",
             "--out", str(tmp_path), "--no-progress"]
     try:
-        import memlayers.models  # noqa: F401
+        import memlayers.hf  # noqa: F401
     except ImportError:
-        assert main(argv) == 2 and "memlayers.models" in capsys.readouterr().err
+        assert main(argv) == 2 and "memlayers.hf" in capsys.readouterr().err
         return
     assert main(argv) == 0, capsys.readouterr().err
     (rec,) = cells(tmp_path / "passkey").values()
