@@ -38,24 +38,17 @@ class FaissIndexSet:
     def __init__(self, batch_size: int, heads: int, dim: int, capacity: int, metric: str, index_type: str,
                  options: dict, device: torch.device):
         faiss = _faiss()
-        known = {"nlist", "nprobe", "train_size", "hnsw_m", "ef_search", "use_gpu"}
-        unknown = set(options) - known
-        if unknown:
-            raise ValueError(f"index_options has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        # options: complete and checked by index_options.check_index_options.
         self.B, self.H, self.D, self.C = batch_size, heads, dim, capacity
         self.metric, self.index_type = metric, index_type
-        self.nlist = int(options.get("nlist", 64))
-        self.nprobe = int(options.get("nprobe", 8))
-        self.train_size = int(options.get("train_size", max(39 * self.nlist, 256)))
-        self.hnsw_m = int(options.get("hnsw_m", 32))
-        self.ef_search = int(options.get("ef_search", 64))
-        use_gpu = options.get("use_gpu")
+        self.nlist, self.nprobe, self.train_size = options.get("nlist"), options.get("nprobe"), options.get("train_size")
+        self.hnsw_m, self.ef_search = options.get("hnsw_m"), options.get("ef_search")
+        use_gpu = options.get("use_gpu") if index_type != "hnsw" else False  # faiss has no GPU HNSW
         if use_gpu is None:
             use_gpu = device.type == "cuda" and _gpu_count(faiss) > 0
         if use_gpu and _gpu_count(faiss) == 0:
             raise ValueError("index_options['use_gpu'] is True but this faiss build has no GPU support")
-        # HNSW has no GPU implementation in faiss: it stays on the host.
-        self.use_gpu = bool(use_gpu) and index_type != "hnsw"
+        self.use_gpu = bool(use_gpu)
         self.gpu_device = (device.index or 0) if device.type == "cuda" else 0
         self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
         self.incremental = index_type in ("flat", "ivf") and not self.use_gpu
@@ -95,6 +88,11 @@ class FaissIndexSet:
     # ------------------------------------------------------------------ keeping in step
     def _needs_training(self, index) -> bool:
         return not index.is_trained
+
+    def invalidate(self) -> None:
+        """Mark every index stale (rebuilt from the buffer before its next search): a write that failed
+        half-way may have left an index out of step with the buffer."""
+        self.stale[:] = True
 
     def _add(self, index, vecs: np.ndarray, ids: np.ndarray = None) -> None:
         if self.index_type == "hnsw":
@@ -159,6 +157,12 @@ class FaissIndexSet:
                 self.stale[b, h] = False
 
     # ------------------------------------------------------------------ searching
+    def _search_params(self, k: int):
+        # HNSW returns fewer than k results when its queue (efSearch) is shorter than k.
+        if self.index_type == "hnsw":
+            return _faiss().SearchParametersHNSW(efSearch=max(self.ef_search, k))
+        return None
+
     def search(self, queries: torch.Tensor, k: int, keys_buf: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """queries ``[B, Hq, T, D]`` -> (scores ``[B, Hq, T, k]`` fp32, slot indices ``[B, Hq, T, k]`` int64)."""
         from ..ops.knn_search import knn_search_naive
@@ -181,7 +185,7 @@ class FaissIndexSet:
                                             valid_lengths=count[b : b + 1], metric=self.metric)
                     scores[b, h], labels[b, h] = s[0, 0].cpu().numpy(), i[0, 0].cpu().numpy()
                     continue
-                dist, ids = index.search(self._vectors(q_all[b, h]), k)
+                dist, ids = index.search(self._vectors(q_all[b, h]), k, params=self._search_params(k))
                 scores[b, h] = -dist if self.metric == "l2" else dist
                 labels[b, h] = ids
         scores[labels < 0] = -np.inf
@@ -204,17 +208,50 @@ class FaissIndexSet:
         out["stale"] = torch.from_numpy(self.stale.astype(np.uint8))
         return out
 
-    def parse(self, blobs: Dict[str, torch.Tensor], count: torch.Tensor) -> Tuple[list, np.ndarray]:
-        """Read ``serialize``'s output for rows with ``count`` ([B]) valid slots, without adopting it.
+    def _stored(self, index) -> Tuple[np.ndarray, np.ndarray]:
+        """``(slot ids, vectors)`` an index holds, read back from its storage."""
+        faiss = _faiss()
+        n = index.ntotal
+        if isinstance(index, faiss.IndexIDMap):
+            return faiss.vector_to_array(index.id_map), faiss.downcast_index(index.index).reconstruct_n(0, n)
+        if isinstance(index, faiss.IndexIVF):
+            lists = index.invlists
+            ids, vecs = [], []
+            for l in range(lists.nlist):
+                size = lists.list_size(l)
+                if size:
+                    ids.append(faiss.rev_swig_ptr(lists.get_ids(l), size).copy())
+                    codes = faiss.rev_swig_ptr(lists.get_codes(l), size * index.code_size).copy()
+                    vecs.append(codes.view(np.float32).reshape(size, self.D))
+            if not ids:
+                return np.zeros(0, np.int64), np.zeros((0, self.D), np.float32)
+            return np.concatenate(ids), np.concatenate(vecs)
+        return np.arange(n, dtype=np.int64), index.reconstruct_n(0, n)  # sequential ids are slot ids
+
+    def _check_owner(self, index, name: str, keys: torch.Tensor) -> None:
+        """The index holds exactly these keys (``[count, D]``, slots 0..count-1) under their slot ids,
+        or nothing while it is untrained: not another row's, head's or memory's index."""
+        count = 0 if not index.is_trained else keys.shape[0]
+        if index.ntotal != count:
+            raise ValueError(f"{name} holds {index.ntotal} vectors where its row holds {count}")
+        ids, vecs = self._stored(index)
+        order = np.argsort(ids, kind="stable")
+        if not np.array_equal(ids[order], np.arange(count)) or not np.array_equal(vecs[order], self._vectors(keys[:count])):
+            raise ValueError(f"{name} holds other vectors than its row and head of the key buffer")
+
+    def parse(self, blobs: Dict[str, torch.Tensor], keys_buf: torch.Tensor, count: torch.Tensor) -> Tuple[list, np.ndarray]:
+        """Read ``serialize``'s output for the key buffer ``keys_buf`` ([B, H, C, D]) with ``count``
+        ([B]) valid slots, without adopting it.
 
         Returns ``(indexes, stale)`` for ``adopt``. Raises ``ValueError`` naming the entry when one is
-        missing, cannot be read, or describes another configuration (dimension, metric, index kind,
-        vector count).
+        missing, cannot be read, or describes another configuration (dimension, metric, index kind)
+        or holds other vectors than its row and head of the buffer.
         """
         faiss = _faiss()
         wanted = {f"{b}.{h}" for b in range(self.B) for h in range(self.H)} | {"stale"}
         if set(blobs) != wanted:
-            missing, extra = sorted(wanted - set(blobs)), sorted(set(blobs) - wanted)
+            missing = ["faiss." + k for k in sorted(wanted - set(blobs))]
+            extra = ["faiss." + k for k in sorted(set(blobs) - wanted)]
             raise ValueError(f"the FAISS entries do not match {self.B} rows x {self.H} heads "
                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
         stale = blobs["stale"]
@@ -239,9 +276,8 @@ class FaissIndexSet:
                     raise ValueError(f"faiss.{b}.{h} is a {type(index).__name__} of dimension {index.d}, metric "
                                      f"{index.metric_type}; this memory needs a {kind.__name__} of dimension "
                                      f"{self.D}, metric {self._faiss_metric}")
-                expected = 0 if not index.is_trained else counts[b]
-                if not stale[b, h] and index.ntotal != expected:
-                    raise ValueError(f"faiss.{b}.{h} holds {index.ntotal} vectors, but row {b} holds {expected}")
+                if not stale[b, h]:
+                    self._check_owner(index, f"faiss.{b}.{h}", keys_buf[b, h, : counts[b]])
                 row.append(index)
             indexes.append(row)
         return indexes, stale
@@ -257,6 +293,19 @@ class FaissIndexSet:
         for b in range(self.B):
             for h in range(self.H):
                 self._fill(b, h, keys_buf, counts[b])
+
+    # Copies (copy.deepcopy of a model, pickling): FAISS's SWIG objects travel as their serialized bytes.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["indexes"] = [[_faiss().serialize_index(self._cpu(i)) for i in row] for row in self.indexes]
+        state["_gpu_resources"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.use_gpu:
+            self._gpu_resources = _faiss().StandardGpuResources()
+        self.indexes = [[self._to_device(_faiss().deserialize_index(blob)) for blob in row] for row in self.indexes]
 
     def nbytes(self) -> int:
         total = 0

@@ -60,4 +60,5 @@ def upgrade_config(config: dict) -> dict:
         config["backend"] = config.pop("search_backend")
         if store == "exact":
             config["index"] = "exact"
+            config["index_options"] = {}  # ignored by the old exact store, rejected by index="exact"
     return config

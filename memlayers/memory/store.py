@@ -13,7 +13,8 @@ leaves the memory exactly as it was.
 """
 from __future__ import annotations
 
-import json
+import functools
+import threading
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,12 +24,23 @@ from torch import nn
 from ..ops.knn_search import METRICS, knn_search
 from ..ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
 from ..ops.utils.guards import same_device
+from . import files
+from .index_options import check_index_options
 from .names import FAISS_INDEXES, store_names, upgrade_config
 from .protocol import MemoryModule, row_mask
 from .result import KNNSearchResult
 from .state import STATE_NAMES, check_state
 
-_FORMAT = "memlayers.KNNMemory/1"
+
+def _locked(method):
+    """Run ``method`` holding the memory's lock (see "Threads" in ``KNNMemory``'s docstring)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 def _key_layout(keys: torch.Tensor) -> torch.Tensor:
@@ -71,6 +83,13 @@ class KNNMemory(nn.Module, MemoryModule):
     another batch size or capacity (the buffers are rebuilt to fit), and checks everything it reads
     before it changes anything. ``reset`` (alias ``reset_memory``) forgets chosen rows, ``bind_batch``
     gives the memory a new number of empty rows.
+
+    Threads: one memory may be used from several threads at once. ``add``, ``search``, ``reset``,
+    ``bind_batch``, ``save``, ``state_dict`` and ``load_state_dict`` each hold the memory's lock
+    (a ``threading.RLock``) for their whole duration, so each sees the others' effects entirely or not
+    at all, and FAISS indexes (not thread-safe for writes) are never used by two threads at once.
+    Results are fresh tensors. ``state_dict()`` returns the live buffers, as every module does:
+    a thread that keeps adding changes them; ``save`` writes a copy taken under the lock.
 
     The ``keys`` buffer is ``[B, H, C, D]`` everywhere, but on CPU it is a view of a dim-major
     ``[B, H, D, C]`` buffer (fast exact decode search), so use ``reshape`` rather than ``view`` on it.
@@ -117,7 +136,8 @@ class KNNMemory(nn.Module, MemoryModule):
 
         self.heads, self.dim, self.value_dim = heads, dim, value_dim
         self.index, self.backend, self.metric = index, backend, metric
-        self.index_options = dict(index_options or {})
+        self.index_options = check_index_options(index, index_options, capacity)
+        self._lock = threading.RLock()
         self._allocate(batch_size, capacity, device, dtype)
 
     def _allocate(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -136,6 +156,16 @@ class KNNMemory(nn.Module, MemoryModule):
         self.register_buffer("write_ptr", torch.zeros(B, device=device, dtype=torch.long))
         self.register_buffer("next_position", torch.zeros(B, device=device, dtype=torch.long))
         self._index = index_set
+
+    # A lock cannot be copied or pickled: a copy of the memory gets a lock of its own.
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def _apply(self, fn, recurse=True):
         # .to(device) keeps strides: lay the keys out for the new device.
@@ -196,6 +226,7 @@ class KNNMemory(nn.Module, MemoryModule):
         return positions.long()
 
     # ------------------------------------------------------------------ writing
+    @_locked
     @torch.no_grad()
     def add(self, keys: torch.Tensor, values: torch.Tensor, positions: Optional[torch.Tensor] = None) -> None:
         """Append T tokens to every row, evicting the oldest slots once the ring is full.
@@ -227,18 +258,38 @@ class KNNMemory(nn.Module, MemoryModule):
             keys, values, positions = keys[:, :, -C:], values[:, :, -C:], positions[:, -C:]
             T = C
 
-        slots = (self.write_ptr[:, None] + torch.arange(T, device=self.device)) % C  # [B, T]
+        slots = (self.write_ptr[:, None] + torch.arange(T, device=self.device)) % C  # [B, T], distinct per row
+        key_idx = slots[:, None, :, None].expand(B, H, T, D)
+        value_idx = slots[:, None, :, None].expand(B, H, T, Dv)
         # Slots that already held a valid entry are overwritten: an index must forget them.
         was_valid = slots < self.count[:, None]
-        self.keys.scatter_(2, slots[:, None, :, None].expand(B, H, T, D), keys)
-        self.values.scatter_(2, slots[:, None, :, None].expand(B, H, T, Dv), values)
+        if self._index is not None:  # what the write replaces, to undo it if the index fails
+            undo = (self.keys.gather(2, key_idx), self.values.gather(2, value_idx), self.positions.gather(1, slots),
+                    self.count.clone(), self.write_ptr.clone(), self.next_position.clone())
+        self.keys.scatter_(2, key_idx, keys)
+        self.values.scatter_(2, value_idx, values)
         self.positions.scatter_(1, slots, positions)
         self.count.copy_(torch.clamp(self.count + T, max=C))
         self.write_ptr.copy_((self.write_ptr + T) % C)
         self.next_position.copy_(next_position)
-        if self._index is not None:
+        if self._index is None:
+            return
+        try:
             self._index.write(slots, was_valid, self.keys, self.count)
+        except BaseException:
+            # Never half-written: the buffers go back to what they were, and the indexes (possibly
+            # changed in part) are rebuilt from them before the next search.
+            old_keys, old_values, old_positions, count, write_ptr, next_pos = undo
+            self.keys.scatter_(2, key_idx, old_keys)
+            self.values.scatter_(2, value_idx, old_values)
+            self.positions.scatter_(1, slots, old_positions)
+            self.count.copy_(count)
+            self.write_ptr.copy_(write_ptr)
+            self.next_position.copy_(next_pos)
+            self._index.invalidate()
+            raise
 
+    @_locked
     @torch.no_grad()
     def reset(self, rows=None) -> None:
         """Empty the chosen rows, e.g. at document boundaries; the others are left exactly as they were.
@@ -261,12 +312,14 @@ class KNNMemory(nn.Module, MemoryModule):
         """The memory-state protocol's name for ``reset``."""
         self.reset(rows)
 
+    @_locked
     def bind_batch(self, batch_size: int) -> None:
         """Give the memory ``batch_size`` empty rows (what it held is dropped), on its device and dtype."""
         check_positive_int("batch_size", batch_size)
         self._allocate(batch_size, self.capacity, self.device, self.dtype)
 
     # ------------------------------------------------------------------ reading
+    @_locked
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int, gather: bool = True) -> KNNSearchResult:
         """Retrieve the top-k memories of every query from its own row and kv-head.
@@ -315,12 +368,14 @@ class KNNMemory(nn.Module, MemoryModule):
     # ------------------------------------------------------------------ persistence
     # FAISS indexes travel in the state dict as uint8 tensors ("faiss.<row>.<head>", "faiss.stale"), so
     # that a memory inside a model saves with safetensors like any other weight.
+    @_locked
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._index is not None:
             for key, blob in self._index.serialize().items():
                 destination[f"{prefix}faiss.{key}"] = blob
 
+    @_locked
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Everything is checked before anything changes: on a problem the memory is left as it was.
         tag = f"{prefix}faiss."
@@ -332,12 +387,13 @@ class KNNMemory(nn.Module, MemoryModule):
             return
         try:
             B, C = check_state(state, self.heads, self.dim, self.value_dim)
+            check_index_options(self.index, self.index_options, C)  # e.g. an IVF train_size above C
             parsed = None
             if self._index is not None and blobs:
                 from .faiss_index import FaissIndexSet
 
                 target = FaissIndexSet(B, self.heads, self.dim, C, self.metric, self.index, self.index_options, self.device)
-                parsed = target.parse(blobs, state["count"])
+                parsed = target.parse(blobs, state["keys"].to(self.dtype), state["count"])
         except ValueError as e:
             error_msgs.append(f"KNNMemory {prefix.rstrip('.') or '(root)'}: {e}")
             return
@@ -354,24 +410,29 @@ class KNNMemory(nn.Module, MemoryModule):
                 self._index.rebuild(self.keys, self.count)
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the memory (buffers, configuration, FAISS indexes) to a safetensors file."""
-        from safetensors.torch import save_file
+        """Write the memory (buffers, configuration, FAISS indexes) to a safetensors file, atomically.
 
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"format": _FORMAT, "config": json.dumps(self.config())})
+        The same memory always gives the same bytes; a SHA-256 of the tensors travels in the file and
+        ``load`` checks it. See ``memlayers/memory/files.py`` for the format and the temporary file.
+        """
+        with self._lock:
+            tensors = {name: t.detach().cpu().clone() for name, t in self.state_dict().items()}
+            config = self.config()
+        files.write(path, tensors, config)
 
     @classmethod
     def load(cls, path: Union[str, Path], device: Optional[Union[torch.device, str]] = None) -> "KNNMemory":
-        """Rebuild a memory saved with ``save``: same contents, pointers, positions and FAISS indexes."""
-        from safetensors import safe_open
+        """Rebuild a memory saved with ``save``: same contents, pointers, positions and FAISS indexes.
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a saved KNNMemory (format {meta.get('format')!r})")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        config = upgrade_config(json.loads(meta["config"]))
-        config["dtype"] = getattr(torch, config["dtype"])
-        mem = cls(**config, device=device)
-        mem.load_state_dict(tensors)
+        Raises ``ValueError`` naming the file and what is wrong when it is damaged, not a KNNMemory
+        file, or holds an inconsistent state (``FileNotFoundError`` when it does not exist).
+        """
+        tensors, config, fmt = files.read(path)
+        try:
+            config = upgrade_config(config)
+            config["dtype"] = getattr(torch, config["dtype"])
+            mem = cls(**config, device=device)
+            mem.load_state_dict(tensors)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            raise ValueError(f"{path} does not hold a loadable KNNMemory ({type(e).__name__}: {e})") from None
         return mem

@@ -18,22 +18,8 @@ BACKENDS = [
 IDS = ["exact-torch", "exact-triton", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
 
 
-def stream(mem, steps, T, start=0):
-    """Add tokens whose value[..., 0] is the token's global id and whose keys are random."""
-    B, H, D, Dv = mem.batch_size, mem.heads, mem.dim, mem.value_dim
-    all_keys = []
-    for step in range(steps):
-        keys = torch.randn(B, H, T, D)
-        values = torch.randn(B, H, T, Dv)
-        ids = torch.arange(start + step * T, start + (step + 1) * T, dtype=torch.float32)
-        values[..., 0] = ids
-        mem.add(keys, values)
-        all_keys.append(keys)
-    return torch.cat(all_keys, dim=2)  # [B, H, total, D]
-
-
 @pytest.mark.parametrize("opts", BACKENDS, ids=IDS)
-def test_values_stay_paired_with_keys_after_wraparound(opts):
+def test_values_stay_paired_with_keys_after_wraparound(stream, opts):
     mem = ml.KNNMemory(2, 2, 16, 8, capacity=50, **opts)
     all_keys = stream(mem, steps=9, T=13)  # 117 tokens through 50 slots: wraps twice
     total = all_keys.shape[2]
@@ -111,7 +97,7 @@ def test_explicit_positions():
 
 
 @pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2], BACKENDS[4]], ids=["exact", "faiss-flat", "faiss-hnsw"])
-def test_reset_rows_leaves_others_intact(opts):
+def test_reset_rows_leaves_others_intact(stream, opts):
     mem = ml.KNNMemory(3, 2, 8, capacity=20, **opts)
     stream(mem, steps=3, T=9)
     before = {k: v.clone() for k, v in mem.state_dict().items() if not k.startswith("faiss")}
@@ -134,7 +120,7 @@ def test_reset_rows_leaves_others_intact(opts):
 
 
 @pytest.mark.parametrize("opts", BACKENDS[:1] + BACKENDS[2:], ids=IDS[:1] + IDS[2:])
-def test_save_load_round_trip_is_bit_exact(opts, tmp_path):
+def test_save_load_round_trip_is_bit_exact(stream, opts, tmp_path):
     mem = ml.KNNMemory(2, 2, 16, 8, capacity=60, **opts)
     stream(mem, steps=7, T=11)
     mem.reset(torch.tensor([1]))
@@ -161,7 +147,7 @@ def test_save_load_round_trip_is_bit_exact(opts, tmp_path):
     assert torch.equal(a.indices, c.indices) and torch.equal(a.scores, c.scores)
 
 
-def test_cpu_keys_are_dim_major_and_stay_so(tmp_path):
+def test_cpu_keys_are_dim_major_and_stay_so(stream, tmp_path):
     # On CPU the keys buffer is a [B, H, C, D] view of a [B, H, D, C] buffer (fast exact decode search).
     mem = ml.KNNMemory(2, 2, 16, capacity=40)
     assert mem.keys.shape == (2, 2, 40, 16) and mem.keys.stride(-2) == 1
@@ -222,7 +208,7 @@ def _state(mem):
     ],
 )
 @pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2]], ids=["exact", "faiss"])
-def test_bad_input_leaves_memory_unchanged(call, exc, match, opts):
+def test_bad_input_leaves_memory_unchanged(stream, call, exc, match, opts):
     mem = ml.KNNMemory(2, 2, 16, 8, capacity=20, **opts)
     stream(mem, steps=3, T=9)
     before = _state(mem)
@@ -339,7 +325,7 @@ def test_native_backend_reaches_knn_search(monkeypatch):
     assert seen == ["native"]
 
 
-def test_file_saved_under_the_old_names_loads(tmp_path):
+def test_file_saved_under_the_old_names_loads(stream, tmp_path):
     # A file written before the rename: config with backend="faiss"/"exact" and search_backend.
     import json
 
@@ -369,7 +355,7 @@ def test_knn_memory_is_a_memory_module():
 
 
 @pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2]], ids=["exact", "faiss"])
-def test_reset_memory_is_reset(opts):
+def test_reset_memory_is_reset(stream, opts):
     a = ml.KNNMemory(3, 2, 8, capacity=20, **opts)
     torch.manual_seed(0)
     stream(a, steps=2, T=7)
@@ -383,7 +369,7 @@ def test_reset_memory_is_reset(opts):
 
 
 @pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2]], ids=["exact", "faiss"])
-def test_bind_batch_gives_empty_rows(opts):
+def test_bind_batch_gives_empty_rows(stream, opts):
     mem = ml.KNNMemory(2, 2, 8, capacity=20, **opts)
     stream(mem, steps=2, T=5)
     mem.bind_batch(5)
@@ -399,10 +385,10 @@ def test_bind_batch_gives_empty_rows(opts):
 
 @pytest.mark.parametrize("opts", [BACKENDS[0], BACKENDS[2], BACKENDS[3], BACKENDS[4]],
                          ids=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"])
-def test_load_state_dict_of_another_batch_size_and_capacity(opts):
+def test_load_state_dict_of_another_batch_size_and_capacity(stream, opts):
     src = ml.KNNMemory(3, 2, 16, 8, capacity=45, **opts)
     stream(src, steps=6, T=11)  # wraps
-    dst = ml.KNNMemory(1, 2, 16, 8, capacity=7, **opts)
+    dst = ml.KNNMemory(1, 2, 16, 8, capacity=41, **opts)
     dst.load_state_dict(src.state_dict())
     assert (dst.batch_size, dst.capacity) == (3, 45) and dst.keys.stride(-2) == 1
     for (name, x), (_, y) in zip(src.named_buffers(), dst.named_buffers()):
@@ -432,7 +418,7 @@ def _corrupt(state, name, fn):
         (lambda s: {k: v for k, v in s.items() if k != "write_ptr"}, "write_ptr"),
     ],
 )
-def test_failed_load_state_dict_changes_nothing(damage, match):
+def test_failed_load_state_dict_changes_nothing(stream, damage, match):
     # The state comes from a memory of another capacity and batch size: a failed load must not have
     # rebuilt, resized or partly written anything.
     src = ml.KNNMemory(3, 2, 16, 8, capacity=9, backend="torch")
@@ -448,12 +434,23 @@ def test_failed_load_state_dict_changes_nothing(damage, match):
         assert torch.equal(before[k], after[k]), k
 
 
-def test_load_state_dict_rejects_a_foreign_faiss_index():
-    src = ml.KNNMemory(1, 2, 16, capacity=30, index="flat")
-    stream(src, steps=2, T=7)
-    state = src.state_dict()
-    state["faiss.0.0"], state["faiss.0.1"] = state["faiss.0.1"], ml.KNNMemory(1, 1, 8, index="flat").state_dict()["faiss.0.0"]
-    dst = ml.KNNMemory(1, 2, 16, capacity=30, index="flat")
-    with pytest.raises(RuntimeError, match="faiss.0.1"):
+@pytest.mark.parametrize("opts", BACKENDS[2:], ids=IDS[2:])
+@pytest.mark.parametrize("foreign", ["other head", "other row", "other dim", "garbage", "missing"])
+def test_load_state_dict_rejects_a_foreign_faiss_index(stream, opts, foreign):
+    src = ml.KNNMemory(2, 2, 16, capacity=60, **opts)
+    stream(src, steps=5, T=11)  # IVF trained, HNSW not stale (no eviction yet)
+    state = dict(src.state_dict())
+    if foreign == "other head":
+        state["faiss.1.0"] = state["faiss.1.1"]
+    elif foreign == "other row":
+        state["faiss.1.0"] = state["faiss.0.0"]
+    elif foreign == "other dim":
+        state["faiss.1.0"] = ml.KNNMemory(1, 1, 8, capacity=60, **opts).state_dict()["faiss.0.0"]
+    elif foreign == "garbage":
+        state["faiss.1.0"] = torch.randint(0, 255, (100,), dtype=torch.uint8)
+    else:
+        del state["faiss.1.0"]
+    dst = ml.KNNMemory(2, 2, 16, capacity=60, **opts)
+    with pytest.raises(RuntimeError, match="faiss.1.0"):
         dst.load_state_dict(state)
-    assert int(dst.count[0]) == 0 and dst._index.indexes[0][1].ntotal == 0
+    assert dst.count.tolist() == [0, 0] and all(i.ntotal == 0 for row in dst._index.indexes for i in row)
