@@ -169,8 +169,10 @@ def _jsonable(v):
     return str(v)
 
 
-def run_gate(case_list, archs, cache_dir: Path, jobs: int, log=print):
-    """Record every case, compile every distinct launch for every target; -> report dict."""
+def run_gate(case_list, archs, cache_dir: Path, jobs: int, log=print, cached_only: bool = False):
+    """Record every case, compile every distinct launch for every target; -> report dict.
+
+    ``cached_only``: compile nothing, report only what the cache holds (a quick look at a running sweep)."""
     version = triton.__version__
     rows, pending, seen = [], {}, {}
     for case in case_list:
@@ -191,6 +193,9 @@ def run_gate(case_list, archs, cache_dir: Path, jobs: int, log=print):
                 seen[key] = path
     log(f"triton {version}: {len(rows)} launches x targets, {len(seen)} distinct, {len(pending)} to compile")
     start = time.perf_counter()
+    if cached_only:
+        rows = [r for r in rows if seen[r["key"]].exists()]
+        pending = {}
     if pending:
         if jobs > 1:
             import multiprocessing
@@ -234,12 +239,14 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--quiet", action="store_true", help="no table")
+    ap.add_argument("--cached-only", action="store_true", help="compile nothing; report what the cache holds")
     args = ap.parse_args(argv)
     chosen = cases(args.set)
     if args.case:
         chosen = [c for c in chosen if c.id in set(args.case)]
     archs = [int(a) for a in args.targets.split(",")]
-    report = run_gate(chosen, archs, Path(args.cache), args.jobs, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = run_gate(chosen, archs, Path(args.cache), args.jobs, log=lambda m: print(m, file=sys.stderr, flush=True),
+                      cached_only=args.cached_only)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if not args.quiet:
