@@ -104,8 +104,9 @@ class PKMBranch(BaseLayerWrapper):
         p = next(base_layer.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed * 100003 + layer_index)  # a fixed hash per (seed, layer)
+            # top_k positionally: ProductKeyMemory's keyword is being renamed from topk to top_k.
             pkm = ProductKeyMemory(
-                hidden, heads=config.heads, num_keys=config.num_keys, topk=config.top_k, value_dim=config.value_dim,
+                hidden, config.heads, config.num_keys, config.top_k, value_dim=config.value_dim,
                 key_dim=config.key_dim, qk_norm=config.qk_norm, backend=config.backend,
             )
         with torch.no_grad():

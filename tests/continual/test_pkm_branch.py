@@ -39,7 +39,7 @@ def test_read_equals_product_key_memory_forward(value_dim):
     torch.manual_seed(3)
     mlp = torch.nn.Linear(48, 48)
     branch = PKMBranch(mlp, PKMConfig(heads=3, num_keys=7, top_k=5, value_dim=value_dim, backend="torch"), 48, 0)
-    reference = ProductKeyMemory(48, heads=3, num_keys=7, topk=5, value_dim=value_dim, qk_norm=True, backend="torch")
+    reference = ProductKeyMemory(48, 3, 7, 5, value_dim=value_dim, qk_norm=True, backend="torch")
     reference.load_state_dict(branch.pkm.state_dict())
     with torch.no_grad():
         for p in (branch.pkm.values, reference.values):
