@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dkvb import dkvb_lookup
+from .names import renamed, warn_renamed
 from ..ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
 
 SPLITTERS = ("chunk", "random", "learned")
@@ -34,7 +35,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         num_keys: N, pairs per codebook.
         key_dim: Dk, size of each codebook's key; ``None`` with ``splitter="chunk"`` means ``dim // C``.
         value_dim: Dv. With ``decoder="vote"`` this is the number of classes (values are logits).
-        topk: keys fetched per codebook (their values are averaged).
+        top_k: keys fetched per codebook (their values are averaged).
         splitter: how the input becomes ``[B, C, Dk]`` queries: ``"chunk"`` (consecutive slices of the
             input, needs ``dim == C * Dk``), ``"random"`` (a fixed Gaussian projection, a buffer),
             ``"learned"`` (a linear map; it gets gradient only from the commitment loss returned with
@@ -46,7 +47,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         out_dim: output size of the ``"mlp"`` decoder.
         decoder_hidden: hidden width of the ``"mlp"`` decoder; 0 makes it linear.
         mask_untrained: at evaluation, search only among pairs selected at least once in training
-            (a codebook with fewer than ``topk`` trained pairs searches all its keys).
+            (a codebook with fewer than ``top_k`` trained pairs searches all its keys).
         deterministic: bitwise-reproducible value gradients in the Triton path.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the lookup.
 
@@ -73,7 +74,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         num_keys: int,
         key_dim: Optional[int] = None,
         value_dim: int = 16,
-        topk: int = 1,
+        top_k: int = 1,
         splitter: Union[str, nn.Module] = "random",
         decoder: Union[str, nn.Module] = "vote",
         out_dim: Optional[int] = None,
@@ -81,15 +82,17 @@ class DiscreteKeyValueBottleneck(nn.Module):
         mask_untrained: bool = False,
         deterministic: bool = False,
         backend: str = "auto",
+        topk: Optional[int] = None,
     ):
         super().__init__()
+        top_k = renamed(type(self).__name__, "topk", topk, "top_k", top_k, 1)
         check_positive_int("dim", dim)
         check_positive_int("num_codebooks", num_codebooks)
         check_positive_int("num_keys", num_keys)
         check_positive_int("value_dim", value_dim)
-        check_positive_int("topk", topk)
-        if topk > num_keys:
-            raise ValueError(f"topk must be <= num_keys ({num_keys}), got {topk}")
+        check_positive_int("top_k", top_k)
+        if top_k > num_keys:
+            raise ValueError(f"top_k must be <= num_keys ({num_keys}), got {top_k}")
         if not isinstance(splitter, nn.Module):
             check_choice("splitter", splitter, SPLITTERS)
         if not isinstance(decoder, nn.Module):
@@ -110,7 +113,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
             check_positive_int("decoder_hidden", decoder_hidden, minimum=0)
 
         self.dim, self.num_codebooks, self.num_keys = dim, num_codebooks, num_keys
-        self.key_dim, self.value_dim, self.topk = key_dim, value_dim, topk
+        self.key_dim, self.value_dim, self.top_k = key_dim, value_dim, top_k
         self.mask_untrained, self.deterministic, self.backend = mask_untrained, deterministic, backend
         self.splitter_kind = splitter if isinstance(splitter, str) else "module"
         self.decoder_kind = decoder if isinstance(decoder, str) else "module"
@@ -160,14 +163,14 @@ class DiscreteKeyValueBottleneck(nn.Module):
         if self.training or not self.mask_untrained:
             return None
         trained = self.counts > 0
-        too_few = trained.sum(dim=1, keepdim=True) < self.topk
+        too_few = trained.sum(dim=1, keepdim=True) < self.top_k
         return trained | too_few
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, return_info: bool = False):
         """x ``[..., dim]`` -> decoded output (see the class docstring for its shape).
 
-        With ``return_info=True`` also returns a dict: ``indices [..., C, topk]`` (selected keys),
+        With ``return_info=True`` also returns a dict: ``indices [..., C, top_k]`` (selected keys),
         ``queries [..., C, Dk]``, and ``commitment_loss`` (mean squared distance of the queries to their
         nearest keys, differentiable w.r.t. a learned splitter; ``None`` for fixed splitters).
         """
@@ -178,7 +181,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         flat = x.reshape(-1, self.dim)
         q = self.split(flat)
         out, indices = dkvb_lookup(
-            q.detach(), self.keys, self.values, self.topk, self._eval_key_mask(), self.deterministic, self.backend
+            q.detach(), self.keys, self.values, self.top_k, self._eval_key_mask(), self.deterministic, self.backend
         )
         if self.training:
             with torch.no_grad():
@@ -192,7 +195,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
             nearest = self.keys[torch.arange(self.num_codebooks, device=q.device), indices[..., 0]]
             commitment = F.mse_loss(q, nearest.to(q.dtype))
         info = {
-            "indices": indices.reshape(*lead, self.num_codebooks, self.topk),
+            "indices": indices.reshape(*lead, self.num_codebooks, self.top_k),
             "queries": q.detach().reshape(*lead, self.num_codebooks, self.key_dim),
             "commitment_loss": commitment,
         }
@@ -350,10 +353,16 @@ class DiscreteKeyValueBottleneck(nn.Module):
         ema_sum = torch.where(dead[..., None], samples * new_count[..., None], ema_sum)
         return keys, ema_sum, ema_count
 
+    @property
+    def topk(self) -> int:
+        """Deprecated spelling of ``top_k``."""
+        warn_renamed(type(self).__name__, "topk", "top_k", stacklevel=2)
+        return self.top_k
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_codebooks={self.num_codebooks}, num_keys={self.num_keys}, key_dim={self.key_dim}, "
-            f"value_dim={self.value_dim}, topk={self.topk}, splitter={self.splitter_kind!r}, decoder={self.decoder_kind!r}"
+            f"value_dim={self.value_dim}, top_k={self.top_k}, splitter={self.splitter_kind!r}, decoder={self.decoder_kind!r}"
         )
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.embedding_bag import weighted_embedding_bag
+from .names import renamed, warn_renamed
 from ..ops.utils import FLOAT_DTYPES, check_positive_int, check_tensor
 
 
@@ -28,7 +29,7 @@ class ProductKeyMemory(nn.Module):
         dim: input (and output) size.
         heads: independent query heads; their reads are summed.
         num_keys: ``n``, half-keys per side; the memory holds ``n * n`` values.
-        topk: values read per head (and half-keys kept per side), ``<= n``.
+        top_k: values read per head (and half-keys kept per side), ``<= n``.
         value_dim: size of a value row; defaults to ``dim``.
         key_dim: size of a full query/key (two halves); even, defaults to ``min(dim, 256)`` rounded down to even.
         shared_values: a ``[n * n, value_dim]`` ``nn.Parameter`` or another ``ProductKeyMemory``
@@ -40,7 +41,7 @@ class ProductKeyMemory(nn.Module):
 
     Example:
         >>> import torch, memlayers as ml
-        >>> pkm = ml.ProductKeyMemory(dim=64, heads=2, num_keys=32, topk=8)
+        >>> pkm = ml.ProductKeyMemory(dim=64, heads=2, num_keys=32, top_k=8)
         >>> pkm(torch.randn(2, 10, 64)).shape
         torch.Size([2, 10, 64])
     """
@@ -50,7 +51,7 @@ class ProductKeyMemory(nn.Module):
         dim: int,
         heads: int = 4,
         num_keys: int = 512,
-        topk: int = 32,
+        top_k: int = 32,
         value_dim: Optional[int] = None,
         key_dim: Optional[int] = None,
         shared_values: Optional[Union[nn.Parameter, "ProductKeyMemory"]] = None,
@@ -58,20 +59,22 @@ class ProductKeyMemory(nn.Module):
         qk_norm: bool = False,
         out_proj: Optional[bool] = None,
         backend: str = "auto",
+        topk: Optional[int] = None,
     ):
         super().__init__()
+        top_k = renamed(type(self).__name__, "topk", topk, "top_k", top_k, 32)
         check_positive_int("dim", dim)
         check_positive_int("heads", heads)
         check_positive_int("num_keys", num_keys, minimum=2)
-        check_positive_int("topk", topk)
-        if topk > num_keys:
-            raise ValueError(f"topk must be <= num_keys ({num_keys}), got {topk}")
+        check_positive_int("top_k", top_k)
+        if top_k > num_keys:
+            raise ValueError(f"top_k must be <= num_keys ({num_keys}), got {top_k}")
         value_dim = dim if value_dim is None else check_positive_int("value_dim", value_dim)
         key_dim = max(2, min(dim, 256) // 2 * 2) if key_dim is None else check_positive_int("key_dim", key_dim, minimum=2)
         if key_dim % 2:
             raise ValueError(f"key_dim must be even (two halves), got {key_dim}")
 
-        self.dim, self.heads, self.num_keys, self.topk = dim, heads, num_keys, topk
+        self.dim, self.heads, self.num_keys, self.top_k = dim, heads, num_keys, top_k
         self.value_dim, self.key_dim, self.gated, self.qk_norm, self.backend = value_dim, key_dim, gated, qk_norm, backend
         self.num_values = num_keys * num_keys
 
@@ -93,9 +96,9 @@ class ProductKeyMemory(nn.Module):
         self.out_proj = nn.Linear(value_dim, dim, bias=False) if out_proj else None
 
     def address(self, x: torch.Tensor):
-        """x ``[T, dim]`` -> ``(indices [T, heads, topk]`` into the values, ``weights [T, heads, topk])``."""
+        """x ``[T, dim]`` -> ``(indices [T, heads, top_k]`` into the values, ``weights [T, heads, top_k])``."""
         T = x.shape[0]
-        H, n, k, half = self.heads, self.num_keys, self.topk, self.key_dim // 2
+        H, n, k, half = self.heads, self.num_keys, self.top_k, self.key_dim // 2
         q = self.query(x).view(T, H, 2, half)
         keys = self.keys
         if self.qk_norm:
@@ -128,9 +131,15 @@ class ProductKeyMemory(nn.Module):
             read = self.out_proj(read.to(self.out_proj.weight.dtype))
         return read.reshape(*lead, read.shape[-1])
 
+    @property
+    def topk(self) -> int:
+        """Deprecated spelling of ``top_k``."""
+        warn_renamed(type(self).__name__, "topk", "top_k", stacklevel=2)
+        return self.top_k
+
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, heads={self.heads}, num_keys={self.num_keys} (values {self.num_values}), topk={self.topk}, "
+            f"dim={self.dim}, heads={self.heads}, num_keys={self.num_keys} (values {self.num_values}), top_k={self.top_k}, "
             f"value_dim={self.value_dim}, key_dim={self.key_dim}, gated={self.gated}, qk_norm={self.qk_norm}"
         )
 

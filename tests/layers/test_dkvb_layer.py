@@ -22,7 +22,7 @@ def clustered(n, dim, centers, gen=None):
 @pytest.mark.parametrize("decoder,shape", [("vote", (3, 5, 7)), ("mlp", (3, 5, 11)), ("none", (3, 5, 4, 7))])
 def test_shapes(splitter, decoder, shape):
     dkvb = DiscreteKeyValueBottleneck(
-        16, 4, 32, key_dim=4 if splitter != "chunk" else None, value_dim=7, topk=2,
+        16, 4, 32, key_dim=4 if splitter != "chunk" else None, value_dim=7, top_k=2,
         splitter=splitter, decoder=decoder, out_dim=11, decoder_hidden=8, backend="torch",
     )
     y, info = dkvb(torch.randn(3, 5, 16), return_info=True)
@@ -137,8 +137,8 @@ def test_custom_modules():
 
 def test_triton_backend_matches_torch():
     torch.manual_seed(3)
-    a = DiscreteKeyValueBottleneck(10, 3, 40, key_dim=5, value_dim=6, topk=2, decoder="none", backend="torch")
-    b = DiscreteKeyValueBottleneck(10, 3, 40, key_dim=5, value_dim=6, topk=2, decoder="none", backend="triton")
+    a = DiscreteKeyValueBottleneck(10, 3, 40, key_dim=5, value_dim=6, top_k=2, decoder="none", backend="torch")
+    b = DiscreteKeyValueBottleneck(10, 3, 40, key_dim=5, value_dim=6, top_k=2, decoder="none", backend="triton")
     b.load_state_dict(a.state_dict())
     x = torch.randn(9, 10)
     ya, yb = a(x), b(x)
@@ -159,8 +159,8 @@ def test_bad_constructor_and_forward_inputs():
         DiscreteKeyValueBottleneck(8, 2, 4)
     with pytest.raises(ValueError, match="divisible"):
         DiscreteKeyValueBottleneck(9, 2, 4, splitter="chunk")
-    with pytest.raises(ValueError, match="topk"):
-        DiscreteKeyValueBottleneck(8, 2, 4, key_dim=2, topk=5)
+    with pytest.raises(ValueError, match="top_k"):
+        DiscreteKeyValueBottleneck(8, 2, 4, key_dim=2, top_k=5)
     with pytest.raises(ValueError, match="out_dim"):
         DiscreteKeyValueBottleneck(8, 2, 4, key_dim=2, decoder="mlp")
     with pytest.raises(TypeError, match="num_keys"):
@@ -177,3 +177,11 @@ def test_bad_constructor_and_forward_inputs():
     with pytest.raises(ValueError, match="x contains non-finite"):
         dkvb(bad)
     assert int(dkvb.counts.sum()) == 0  # the rejected call left the counts alone
+
+
+def test_old_topk_name_warns_and_still_works():
+    with pytest.warns(DeprecationWarning, match="topk"):
+        layer = DiscreteKeyValueBottleneck(8, 2, 16, key_dim=2, topk=3, backend="torch")
+    assert layer.top_k == 3
+    with pytest.warns(DeprecationWarning, match="topk"):
+        assert layer.topk == 3

@@ -13,13 +13,13 @@ def exhaustive_read(pkm, x):
     q = pkm.query(x).view(T, H, 2, half)
     s = torch.einsum("thsd,hsnd->thsn", q, pkm.keys)
     full = (s[:, :, 0, :, None] + s[:, :, 1, None, :]).reshape(T, H, n * n)
-    best, idx = full.topk(pkm.topk, dim=-1)
+    best, idx = full.topk(pkm.top_k, dim=-1)
     w = torch.softmax(best, dim=-1)
     return (w[..., None] * pkm.values[idx]).sum(dim=(1, 2)), idx
 
 
 def test_product_topk_equals_exhaustive_topk():
-    pkm = ProductKeyMemory(dim=24, heads=3, num_keys=16, topk=5, key_dim=12, backend="torch")
+    pkm = ProductKeyMemory(dim=24, heads=3, num_keys=16, top_k=5, key_dim=12, backend="torch")
     x = torch.randn(30, 24)
     idx, w = pkm.address(x)
     ref, ref_idx = exhaustive_read(pkm, x)
@@ -29,7 +29,7 @@ def test_product_topk_equals_exhaustive_topk():
 
 
 def test_gradients_reach_query_keys_and_only_hit_values():
-    pkm = ProductKeyMemory(dim=16, heads=2, num_keys=8, topk=3, backend="torch")
+    pkm = ProductKeyMemory(dim=16, heads=2, num_keys=8, top_k=3, backend="torch")
     x = torch.randn(4, 16)
     pkm(x).square().sum().backward()
     idx, _ = pkm.address(x)
@@ -40,8 +40,8 @@ def test_gradients_reach_query_keys_and_only_hit_values():
 
 
 def test_memory_plus_switches():
-    base = ProductKeyMemory(dim=16, heads=2, num_keys=8, topk=4, value_dim=32, gated=True, qk_norm=True, backend="torch")
-    shared = ProductKeyMemory(dim=16, heads=2, num_keys=8, topk=4, value_dim=32, shared_values=base, backend="torch")
+    base = ProductKeyMemory(dim=16, heads=2, num_keys=8, top_k=4, value_dim=32, gated=True, qk_norm=True, backend="torch")
+    shared = ProductKeyMemory(dim=16, heads=2, num_keys=8, top_k=4, value_dim=32, shared_values=base, backend="torch")
     assert shared.values is base.values
     model = torch.nn.Sequential(base, shared)
     assert len(list(model.parameters())) == len(list(base.parameters())) + len(list(shared.parameters())) - 1
@@ -63,8 +63,8 @@ def test_memory_plus_switches():
 
 def test_triton_backend_matches_torch():
     torch.manual_seed(0)
-    a = ProductKeyMemory(dim=20, heads=2, num_keys=10, topk=3, value_dim=18, backend="torch")
-    b = ProductKeyMemory(dim=20, heads=2, num_keys=10, topk=3, value_dim=18, backend="triton")
+    a = ProductKeyMemory(dim=20, heads=2, num_keys=10, top_k=3, value_dim=18, backend="torch")
+    b = ProductKeyMemory(dim=20, heads=2, num_keys=10, top_k=3, value_dim=18, backend="triton")
     b.load_state_dict(a.state_dict())
     x = torch.randn(7, 20)
     ya, yb = a(x), b(x)
@@ -76,18 +76,26 @@ def test_triton_backend_matches_torch():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="topk"):
-        ProductKeyMemory(dim=8, num_keys=4, topk=5)
+    with pytest.raises(ValueError, match="top_k"):
+        ProductKeyMemory(dim=8, num_keys=4, top_k=5)
     with pytest.raises(ValueError, match="key_dim must be even"):
-        ProductKeyMemory(dim=8, num_keys=4, topk=2, key_dim=5)
+        ProductKeyMemory(dim=8, num_keys=4, top_k=2, key_dim=5)
     with pytest.raises(TypeError, match="heads"):
-        ProductKeyMemory(dim=8, heads=2.0, num_keys=4, topk=2)
+        ProductKeyMemory(dim=8, heads=2.0, num_keys=4, top_k=2)
     with pytest.raises(ValueError, match="shared_values"):
-        ProductKeyMemory(dim=8, num_keys=4, topk=2, shared_values=torch.nn.Parameter(torch.zeros(15, 8)))
+        ProductKeyMemory(dim=8, num_keys=4, top_k=2, shared_values=torch.nn.Parameter(torch.zeros(15, 8)))
     with pytest.raises(TypeError, match="shared_values"):
-        ProductKeyMemory(dim=8, num_keys=4, topk=2, shared_values=torch.zeros(16, 8))
-    pkm = ProductKeyMemory(dim=8, num_keys=4, topk=2, backend="torch")
+        ProductKeyMemory(dim=8, num_keys=4, top_k=2, shared_values=torch.zeros(16, 8))
+    pkm = ProductKeyMemory(dim=8, num_keys=4, top_k=2, backend="torch")
     with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 8\]"):
         pkm(torch.randn(3, 9))
     with pytest.raises(TypeError, match="x must have dtype"):
         pkm(torch.ones(3, 8, dtype=torch.int64))
+
+
+def test_old_topk_name_warns_and_still_works():
+    with pytest.warns(DeprecationWarning, match="topk"):
+        pkm = ProductKeyMemory(dim=8, num_keys=4, topk=3, backend="torch")
+    assert pkm.top_k == 3
+    with pytest.warns(DeprecationWarning, match="topk"):
+        assert pkm.topk == 3
