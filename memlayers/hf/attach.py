@@ -7,7 +7,7 @@ from typing import List, Sequence, Union
 from torch import nn
 
 from . import knn_attach, layer_attach
-from .attention import WRAPPERS, register
+from .attention import register
 from .config import is_config, resolve_layers
 from .families import base_model, family_of
 from .state import ATTR, Attachment, MemoryState, get_state, install, uninstall
@@ -66,7 +66,8 @@ def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Modu
             taken.add((c.kind, i))
         plans.append(dataclasses.replace(c, layers=layers))
     if any(c.kind == "knn" for c in plans) and (state is None or state.base_attn is None):
-        register(model.config._attn_implementation)  # raises for an unsupported implementation
+        _check_implementation(model, family)
+        register(model.config._attn_implementation, family)  # raises for an unsupported implementation
 
     # Build every wrapper before installing any: a failing build leaves the model as it was.
     new_state = state is None
@@ -95,8 +96,16 @@ def detach(model: nn.Module) -> nn.Module:
     implementation are back, and its outputs are bit-identical to before ``attach``. Returns it."""
     state = get_state(model)
     uninstall(model, state)
-    for wrapper in state.wrappers("knn"):
-        WRAPPERS.pop(wrapper.base_layer, None)
     del model.__dict__[ATTR]
     return model
 
+
+
+def _check_implementation(model: nn.Module, family) -> None:
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"model must be a transformers PreTrainedModel to attach kNN memory, got {type(model).__name__}")
+    if (family.name == "gpt2" and model.config._attn_implementation == "eager"
+            and getattr(model.config, "reorder_and_upcast_attn", False)):
+        # GPT-2 takes that path only under the implementation named "eager", which attach renames.
+        raise ValueError("model: GPT-2 with reorder_and_upcast_attn=True under eager attention is not supported "
+                         "with kNN memory; load it with attn_implementation='sdpa'")

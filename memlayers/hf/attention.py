@@ -1,21 +1,22 @@
-"""The attention function memlayers registers with transformers, and the local attention it computes.
+"""The attention functions memlayers registers with transformers, and the local attention it computes.
 
-transformers looks attention up by ``config._attn_implementation`` in ``AttentionInterface`` and the
-causal mask by the same name in ``AttentionMaskInterface``. ``attach`` renames the model's
-implementation ``"sdpa"`` to ``"memlayers_sdpa"`` (``"eager"`` to ``"memlayers_eager"``) and registers
-both: the attention function, and the base implementation's mask function under the new name (a
-name missing from the mask registry makes transformers build no mask at all: causal masking would
-silently disappear).
+``attach`` registers ``memlayers_sdpa`` (for a model on ``"sdpa"``) or ``memlayers_eager_<family>``
+(on ``"eager"``) with ``AttentionInterface.register``, registers the base implementation's mask
+function under the same name with ``AttentionMaskInterface.register`` (a name missing from the mask
+registry makes transformers build no mask at all: causal masking would silently disappear), and
+switches the model with ``model.set_attn_implementation``; ``detach`` switches it back.
 
-The registered function serves every attention module of the model: a module wrapped by a kNN
-attachment, while its wrapper runs, gets memory attention; every other one gets the base
-implementation unchanged.
+Dispatch is per instance, with no registry of wrappers and no flags: a kNN wrapper calls its base
+attention module with the keyword ``memlayers_knn=<the wrapper>`` (and ``memlayers_rotary``, the
+``(cos, sin)`` the module received), which the module passes on to the attention function with its
+other keywords. The function hands such a call to the wrapper's ``attend``; every other call (a module
+no kNN wrapper owns) goes to the base implementation unchanged. Nothing here is global state that
+changes while the model runs, so ``torch.compile(model)`` traces it.
 """
 from __future__ import annotations
 
-import sys
-import weakref
-from typing import Optional, Tuple
+import functools
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -24,46 +25,55 @@ from ..ops.local_attention import local_attention as causal_local_attention
 PREFIX = "memlayers_"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
-# base attention module -> the kNN wrapper around it (weak: a dropped model frees its entries).
-WRAPPERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-
-def _base_function(base: str, module):
-    if base == "sdpa":
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        return ALL_ATTENTION_FUNCTIONS["sdpa"]
-    # "eager" is no registry entry: each modeling file defines its own eager function.
-    return sys.modules[type(module).__module__].eager_attention_forward
-
-
-def _make_dispatch(base: str):
-    def memlayers_attention(module, query, key, value, attention_mask, **kwargs):
-        base_fn = _base_function(base, module)
-        wrapper = WRAPPERS.get(module)
-        if wrapper is not None and wrapper.in_call:
-            return wrapper.attend(base_fn, query, key, value, attention_mask, **kwargs)
-        return base_fn(module, query, key, value, attention_mask, **kwargs)
-
-    memlayers_attention.__name__ = f"{PREFIX}{base}_attention"
-    return memlayers_attention
-
-
-def register(base: str) -> str:
-    """Register ``memlayers_<base>`` (attention and mask functions); returns that name."""
+def implementation_name(base: str, family) -> str:
+    """The registered name for a model of ``family`` whose own implementation is ``base``."""
     if base not in BASE_IMPLEMENTATIONS:
         raise ValueError(
             f"model's attn_implementation must be one of {BASE_IMPLEMENTATIONS} to attach kNN memory, got {base!r}; "
             "load it with attn_implementation='sdpa'"
         )
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
+    # "eager" is no registry entry: each modeling file has its own eager function (the family's).
+    return PREFIX + ("sdpa" if base == "sdpa" else f"eager_{family.name}")
 
-    name = PREFIX + base
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _make_dispatch(base))
-    if name not in AttentionMaskInterface._global_mapping:
-        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[base])
+
+def base_implementation(name: str) -> Optional[str]:
+    """The model's own implementation behind a memlayers name (None for any other name)."""
+    if not name or not name.startswith(PREFIX):
+        return None
+    return "sdpa" if name == PREFIX + "sdpa" else "eager"
+
+
+def _base_function(base: str, family) -> Callable:
+    if base == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    return family.eager()
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatch(base: str, family) -> Callable:
+    base_fn = _base_function(base, family)
+
+    def memlayers_attention(module, query, key, value, attention_mask, memlayers_knn=None, memlayers_rotary=None,
+                            **kwargs):
+        if memlayers_knn is None:
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        return memlayers_knn.attend(base_fn, module, query, key, value, attention_mask, memlayers_rotary, **kwargs)
+
+    memlayers_attention.__name__ = implementation_name(base, family)
+    return memlayers_attention
+
+
+def register(base: str, family) -> str:
+    """Register the memlayers attention and mask functions for ``base`` and ``family``; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = implementation_name(base, family)
+    AttentionInterface.register(name, _dispatch(base, family))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
 
 
@@ -103,24 +113,3 @@ def local_attention(
     probs = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])
     out = torch.matmul(probs.view(B, Hkv, G * T, S), v.float()).view(B, Hq, T, v.shape[-1])
     return out, torch.where(finite, lse, float("-inf"))
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's rotary embedding ``x * cos + rotate_half(x) * sin`` (cos, sin broadcast against x)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo ``x * cos + rotate_half(x) * sin`` (HF's rotary embedding) for ``x [B, H, T, D]``.
-
-    ``cos, sin [B|1, T, D]`` may carry an attention scaling ``s`` (``cos = s cos(theta)``), hence
-    the division by ``cos^2 + sin^2 = s^2``.
-    """
-    cos = cos.unsqueeze(1).float()
-    sin = sin.unsqueeze(1).float()
-    xf = x.float()
-    half = x.shape[-1] // 2
-    # rotate_half(x) = cat(-x2, x1); rotating back by -theta uses cat(x2, -x1).
-    back = torch.cat((xf[..., half:], -xf[..., :half]), dim=-1)
-    return ((xf * cos + back * sin) / (cos * cos + sin * sin)).to(x.dtype)

@@ -12,13 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+from ..layers.knn_read import COMBINES, DEFAULT_CAPACITY, DEFAULT_FIXED_DISTANCE, DEFAULT_TOP_K, POSITIONS
+from ..layers.names import knn_index, renamed
 from ..ops.utils import check_choice, check_positive_int
 
 LayerSpec = Union[None, int, Sequence[int], Callable]
 
-COMBINES = ("joint", "gate")
-POSITIONS = ("rotate", "none", "fixed")  # the position policies of ml.KNNMemoryAttention
-STORES = ("exact", "faiss")
 METRICS = ("ip", "cosine", "l2")
 BACKENDS = ("auto", "torch", "triton")
 DTYPES = (None, "float32", "float16", "bfloat16")
@@ -66,9 +65,11 @@ class _Base:
     layers: LayerSpec = None
 
     kind = ""
+    deprecated = ()  # old field names, kept for one release
 
     def to_dict(self) -> Dict[str, object]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # Deprecated fields are translated by __post_init__ and left None: never saved.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.deprecated}
         if callable(d["layers"]):
             raise ValueError("a config whose layers is a filter function cannot be saved; resolve it first")
         if isinstance(d["layers"], tuple):
@@ -95,35 +96,42 @@ class KNNMemoryConfig(_Base):
             at its stored absolute position, exactly the full-context scores), ``"none"`` (memories
             carry no position: the query before rotary against the stored key), ``"fixed"`` (every
             memory at relative distance ``fixed_distance``, as in InfLLM).
-        store: ``"exact"`` (fused exact top-k) or ``"faiss"`` (approximate indexes).
+        index: the store's search: ``"exact"`` (fused exact top-k) or a FAISS index ``"flat"``,
+            ``"ivf"``, ``"hnsw"``.
         metric: retrieval score: ``"ip"``, ``"cosine"`` or ``"l2"``.
-        backend: kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
+        backend: the compute backend of the kernels and the search: ``"auto"`` (Triton on CUDA),
+            ``"torch"`` or ``"triton"``.
         dtype: the stores' dtype (None: the model's).
         gate_init: initial gate logit for ``combine="gate"``.
         fixed_distance: the relative distance of every memory under ``position="fixed"``.
+        store: deprecated spelling of ``index`` (``"exact"|"faiss"``).
+
+    Defaults are ``ml.KNNMemoryAttention``'s (``memlayers.layers.knn_read`` says why).
     """
 
-    top_k: int = 32
-    capacity: int = 65536
+    top_k: int = DEFAULT_TOP_K
+    capacity: int = DEFAULT_CAPACITY
     combine: str = "joint"
     position: str = "rotate"
-    store: str = "exact"
+    index: Optional[str] = None
     metric: str = "ip"
     backend: str = "auto"
     dtype: Optional[str] = None
     gate_init: float = 0.0
-    fixed_distance: int = 0
+    fixed_distance: int = DEFAULT_FIXED_DISTANCE
+    store: Optional[str] = None
 
     kind = "knn"
+    deprecated = ("store",)
 
     def __post_init__(self):
         _check_layers(self.layers)
+        self.index, self.store = knn_index("KNNMemoryConfig", self.index, "store", self.store), None
         check_positive_int("top_k", self.top_k)
         check_positive_int("capacity", self.capacity)
         check_choice("combine", self.combine, COMBINES)
         check_choice("position", self.position, POSITIONS)
         check_positive_int("fixed_distance", self.fixed_distance, minimum=0)
-        check_choice("store", self.store, STORES)
         check_choice("metric", self.metric, METRICS)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("dtype", self.dtype, DTYPES)
@@ -192,19 +200,22 @@ class DKVBConfig(_Base):
     num_codebooks: int = 8
     num_keys: int = 512
     key_dim: int = 16
-    topk: int = 1
+    top_k: int = 1
     backend: str = "auto"
+    topk: Optional[int] = None
 
     kind = "dkvb"
+    deprecated = ("topk",)
 
     def __post_init__(self):
         _check_layers(self.layers)
+        self.top_k, self.topk = renamed("DKVBConfig", "topk", self.topk, "top_k", self.top_k, 1), None
         check_positive_int("num_codebooks", self.num_codebooks)
         check_positive_int("num_keys", self.num_keys)
         check_positive_int("key_dim", self.key_dim)
-        check_positive_int("topk", self.topk)
-        if self.topk > self.num_keys:
-            raise ValueError(f"topk must be <= num_keys ({self.num_keys}), got {self.topk}")
+        check_positive_int("top_k", self.top_k)
+        if self.top_k > self.num_keys:
+            raise ValueError(f"top_k must be <= num_keys ({self.num_keys}), got {self.top_k}")
         check_choice("backend", self.backend, BACKENDS)
 
 

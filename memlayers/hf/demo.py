@@ -56,7 +56,7 @@ def run_demo(memorized_tokens: int = 512, continuation: int = 32, new_tokens: in
     # Retrieval cost per token and layer: search the store, attend to the retrieved memories.
     mem = layers[-1].memory
     q = torch.randn(1, config.num_attention_heads, 64, config.head_dim)
-    cos, sin = state.positions.rotary_table(memorized_tokens, torch.float32, q.device)
+    cos, sin = state.positions.rope.get(memorized_tokens, q.device)
     reps = 5
     t0 = time.perf_counter()
     for _ in range(reps):

@@ -22,6 +22,7 @@ class Family:
     rotary: bool
     heads: Callable[[object], Tuple[int, int, int]]  # config -> (q heads, kv heads, head dim)
     max_positions: Callable[[object], int]           # config -> learned positions (0: unlimited)
+    eager: Callable[[], Callable]                    # -> the family's eager attention function
 
 
 def _llama_heads(config):
@@ -29,6 +30,19 @@ def _llama_heads(config):
     kv = getattr(config, "num_key_value_heads", None) or q
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // q
     return q, kv, head_dim
+
+
+def _llama_eager():
+    # Mistral, Qwen2 and Qwen3 carry copies of Llama's eager function ("Copied from" in transformers).
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def _gpt2_eager():
+    from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
+
+    return eager_attention_forward
 
 
 def _gpt2_heads(config):
@@ -47,6 +61,7 @@ LLAMA = Family(
     rotary=True,
     heads=_llama_heads,
     max_positions=lambda config: 0,
+    eager=_llama_eager,
 )
 
 # Learned absolute positions (``transformer.wpe``), no rotary embedding, multi-head attention in
@@ -60,6 +75,7 @@ GPT2 = Family(
     rotary=False,
     heads=_gpt2_heads,
     max_positions=lambda config: config.max_position_embeddings,
+    eager=_gpt2_eager,
 )
 
 FAMILIES = (LLAMA, GPT2)

@@ -165,7 +165,7 @@ class DKVBLayer(_GatedLayer):
         p = next(base_layer.parameters())
         self.dkvb = DiscreteKeyValueBottleneck(
             hidden, config.num_codebooks, config.num_keys, key_dim=config.key_dim,
-            value_dim=hidden // config.num_codebooks, topk=config.topk, splitter="random", decoder="none",
+            value_dim=hidden // config.num_codebooks, top_k=config.top_k, splitter="random", decoder="none",
             backend=config.backend,
         ).to(p.device)
 

@@ -10,10 +10,10 @@ memory + local context equal the full context.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import torch
 from torch import nn
+
+from ..layers.rotary import RotaryCache
 
 
 class PositionShift(nn.Module):
@@ -32,7 +32,9 @@ class PositionShift(nn.Module):
         self.max_positions = max_positions
         # No rows until the first memorize fixes the batch size.
         self.register_buffer("offset", torch.zeros(0, dtype=torch.long, device=self._device()))
-        self._tables: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Rotary tables for positions 0..P-1 made by the model's own rotary embedding (it may scale
+        # frequencies or carry an attention scaling): the kNN read rotates stored keys with them.
+        self.rope = RotaryCache(0, tables=self._model_tables) if rotary else None
 
     def _device(self) -> torch.device:
         for t in list(self.base_layer.parameters()) + list(self.base_layer.buffers()):
@@ -69,21 +71,15 @@ class PositionShift(nn.Module):
         self.offset = torch.zeros(batch_size, dtype=torch.long, device=self.offset.device)
 
     @torch.no_grad()
-    def rotary_table(self, length: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[P, D]`` for positions ``0..P-1``, ``P >= length`` (grown in powers of two)."""
-        size = 1 << max(10, (max(1, length) - 1).bit_length())
-        key = (dtype, device)
-        cached = self._tables.get(key)
-        if cached is None or cached[0].shape[0] < size:
-            ids = torch.arange(size, device=device)[None]
-            cos, sin = self.base_layer(torch.empty(0, device=device, dtype=dtype), ids)
-            cached = (cos[0].float(), sin[0].float())
-            self._tables[key] = cached
-        return cached
+    def _model_tables(self, length: int, device: torch.device):
+        ids = torch.arange(length, device=device)[None]
+        cos, sin = self.base_layer(torch.empty(0, device=device, dtype=torch.float32), ids)
+        return cos[0], sin[0]
 
     def _apply(self, fn, recurse=True):
-        # A move or cast invalidates the cached tables.
-        self._tables.clear()
+        # A move or cast of the model's rotary embedding invalidates the tables made from it.
+        if self.rope is not None:
+            self.rope.clear()
         return super()._apply(fn, recurse)
 
 

@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .attention import implementation_name
 from .families import Family
 
 ATTR = "_memlayers"
@@ -96,11 +97,11 @@ def install(model, state: MemoryState) -> None:
     for slot in state.slots():
         setattr(slot.parent, slot.attr, slot.wrapper)
     if state.base_attn is not None:
-        model.config._attn_implementation = "memlayers_" + state.base_attn
+        model.set_attn_implementation(implementation_name(state.base_attn, state.family))
 
 
 def uninstall(model, state: MemoryState) -> None:
     for slot in reversed(state.slots()):
         setattr(slot.parent, slot.attr, slot.wrapper.base_layer)
     if state.base_attn is not None:
-        model.config._attn_implementation = state.base_attn
+        model.set_attn_implementation(state.base_attn)

@@ -65,7 +65,7 @@ def test_reset_memory_rejects_bad_rows(memorized, rows, exc):
     (lambda: mm.KNNMemoryConfig(layers=[]), ValueError, "layers"),
     (lambda: mm.KNNMemoryConfig(gate_init=float("nan")), ValueError, "gate_init"),
     (lambda: mm.TitansMemoryConfig(max_lr=0), ValueError, "max_lr"),
-    (lambda: mm.DKVBConfig(topk=9, num_keys=8), ValueError, "topk"),
+    (lambda: mm.DKVBConfig(top_k=9, num_keys=8), ValueError, "top_k"),
 ])
 def test_configs_reject_bad_values(make, exc, name):
     with pytest.raises(exc, match=name):
@@ -115,3 +115,16 @@ def test_unsupported_model_type_and_gpt2_position_limit():
 def test_load_memory_rejects_a_directory_without_memories(tmp_path):
     with pytest.raises(ValueError, match="directory"):
         mm.load_memory(tiny_model("llama"), tmp_path)
+
+
+def test_old_config_names_warn_and_still_work():
+    with pytest.warns(DeprecationWarning, match="store"):
+        old = mm.KNNMemoryConfig(store="faiss", index="ivf")
+    assert old.index == "ivf" and "store" not in old.to_dict()
+    with pytest.warns(DeprecationWarning, match="store"):
+        assert mm.KNNMemoryConfig(store="exact").index == "exact"
+    with pytest.warns(DeprecationWarning, match="topk"):
+        dkvb = mm.DKVBConfig(topk=3)
+    assert dkvb.top_k == 3 and "topk" not in dkvb.to_dict()
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        mm.DKVBConfig(topk=3, top_k=2)

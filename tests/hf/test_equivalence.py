@@ -45,7 +45,7 @@ def test_eager_base_and_layer_filter():
     ids = torch.randint(1, VOCAB, (1, 50))
     full = logits(model, ids)
     mm.attach(model, mm.KNNMemoryConfig(layers=lambda i, layer: True, top_k=64, backend="torch"))
-    assert model.config._attn_implementation == "memlayers_eager"
+    assert model.config._attn_implementation == "memlayers_eager_llama"
     mm.memorize(model, ids[:, :30], chunk_size=10)
     assert rel_err(logits(model, ids[:, 30:]), full[:, 30:]) < 1e-4
 
