@@ -72,6 +72,14 @@ def test_mlp_kernel_matches_naive(device, T, chunk, momentum, forget, bias):
     compare(inp, device, 1e-5, chunk_size=chunk, bias=bias, delta=0.3, p=2.5)
 
 
+@pytest.mark.parametrize("momentum", [True, False])
+def test_mlp_kernel_streams_hidden_blocks(device, momentum):
+    # Hidden size 5x the head dim, not a power of two: the state streams through two hidden blocks
+    # of 64 units (the second partial), across 3 chunks in 2 checkpoint segments.
+    inp = make_inputs(1, 1, 37, 16, 16, 2, hidden=80, momentum=momentum)
+    compare(inp, device, 1e-5, chunk_size=16)
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("gate_end", GATE_ENDS)
 def test_gate_gradients_at_range_ends(device, depth, gate_end):

@@ -19,6 +19,9 @@ from .naive import BIASES, memory_apply, titans_chunked_naive, titans_recurrent_
 
 State = Tuple[torch.Tensor, ...]
 MAX_KERNEL_DIM = 256
+# The MLP kernels stream the hidden dimension in blocks, so it is bounded only by memory; 4x the
+# largest head dim is the range they are checked (compiled) for.
+MAX_KERNEL_HIDDEN = 4 * MAX_KERNEL_DIM
 # Chunk sizes the kernels take: tl.dot tiles need >= 16; past 64 the [C, D] tiles outgrow the budget
 # of registers and shared memory the kernels are sized for (larger chunks run on the torch path).
 KERNEL_CHUNKS = (16, 32, 64)
@@ -100,9 +103,10 @@ def kernel_supports(weights: Sequence[torch.Tensor], q: torch.Tensor, v: torch.T
         return f"the kernels implement the linear memory and the depth-2 MLP, got depth {len(weights)}"
     if chunk_size not in KERNEL_CHUNKS:
         return f"the kernels need chunk_size in {KERNEL_CHUNKS}, got {chunk_size}"
-    dims = [q.shape[-1], v.shape[-1]] + [w.shape[-1] for w in weights]
-    if max(dims) > MAX_KERNEL_DIM:
-        return f"the kernels support feature dimensions up to {MAX_KERNEL_DIM}, got {max(dims)}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_KERNEL_DIM:
+        return f"the kernels support head dims up to {MAX_KERNEL_DIM}, got {max(q.shape[-1], v.shape[-1])}"
+    if len(weights) == 2 and weights[0].shape[-1] > MAX_KERNEL_HIDDEN:
+        return f"the kernels support MLP hidden sizes up to {MAX_KERNEL_HIDDEN}, got {weights[0].shape[-1]}"
     return None
 
 

@@ -56,6 +56,11 @@ def value_block(bk: int, bv: int) -> int:
     return min(bv, 64 if bk <= 64 else 32 if bk <= 128 else 16)
 
 
+def hidden_block(bd: int, bhid: int) -> int:
+    """Hidden units per block of the MLP memory's state stream (``W1[:, h]``, ``W2[h, :]`` and the momenta)."""
+    return min(bhid, 64 if bd <= 64 else 32 if bd <= 128 else 16)
+
+
 def _warps(*blocks: int) -> int:
     return 8 if max(blocks) >= 128 else 4
 
@@ -80,6 +85,7 @@ class _Geometry:
         # The linear memory's programs each own BV value columns; the MLP's one whole head.
         self.BV = value_block(self.BK, _block(self.DV)) if len(weights) == 1 else _block(self.DV)
         self.NV = triton.cdiv(self.DV, self.BV)
+        self.BHB = hidden_block(self.BK, self.BHID)
 
 
 def _state_shapes(g: _Geometry, depth: int):
@@ -104,10 +110,10 @@ def _launch_args(g: _Geometry, depth, theta, alpha, eta, has_momentum, bias, p, 
     if depth == 1:
         sizes = dict(DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV)
     else:
-        sizes = dict(D=g.DK, DH=g.DH, BD=g.BK, BHD=g.BHID)
+        sizes = dict(D=g.DK, DH=g.DH, BD=g.BK, BHB=g.BHB)
     flags = dict(
         sizes, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], MM=mm_dtype, PREC=prec,
-        num_warps=_warps(g.BK, g.BV, g.BHID),
+        num_warps=_warps(g.BK, g.BV),
     )
     return gates, (g.T, g.NC, g.R, p, delta, eps), flags
 
@@ -132,8 +138,11 @@ def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size,
             *qkv, *gates, w0[0], s0[0], y, wt[0], st[0], ckw[0], cks[0], *scalars, **flags,
         )
     else:
+        # The MLP kernel streams its state through global memory, updating it in place.
+        for dst, src in zip(wt + (st if momentum is not None else []), w0 + (s0 if momentum is not None else [])):
+            dst.copy_(src)
         titans_mlp_fwd_kernel[(g.BH,)](
-            *qkv, *gates, *w0, *s0, y, *wt, *st, *ckw, *cks, *scalars, **flags,
+            *qkv, *gates, *wt, *st, y, *ckw, *cks, *scalars, **flags,
         )
     return y, tuple(wt), (tuple(st) if momentum is not None else None), (ckw, cks), g
 
@@ -154,8 +163,8 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     dal = torch.empty_like(dth) if alpha is not None else dth
     det = torch.empty_like(dth) if has_momentum else dth
     dw0, ds0 = _state_buffers((g.B, g.H), shapes, has_momentum, dev)
-    # Scratch for one segment's recomputed chunk-start states, per program, padded to its tiles.
-    tiles = [(g.BK, g.BV)] if depth == 1 else [(_block(a), _block(b)) for a, b in shapes]
+    # Scratch for one segment's recomputed chunk-start states, per program.
+    tiles = [(g.BK, g.BV)] if depth == 1 else shapes
     scw, scs = _state_buffers((g.BH * nv * g.R,), tiles, has_momentum, dev)
     gates, scalars, flags = _launch_args(
         g, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, _matmul_dtype(q.dtype), prec
@@ -168,9 +177,11 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
             *grads, dw0[0], ds0[0], *scalars, **flags,
         )
     else:
+        # The MLP kernel turns the end state's gradients into the start state's, in place.
+        for dst_, src in zip(dw0 + (ds0 if has_momentum else []), list(dwt) + (list(dst) if has_momentum else [])):
+            dst_.copy_(src)
         titans_mlp_bwd_kernel[(g.BH,)](
-            *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dwt, *dst,
-            *grads, *dw0, *ds0, *scalars, **flags,
+            *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dw0, *ds0, *grads, *scalars, **flags,
         )
     dq, dk = (t[0] if nv == 1 else t.sum(0).to(x.dtype) for t, x in ((dqp, q), (dkp, k)))
     dth, dal, det = (t[0] if nv == 1 else t.sum(0) for t in (dth, dal, det))

@@ -2,7 +2,8 @@
 states, gates of a chunk, attentional biases.
 
 Imported only through ``memlayers.ops.titans.triton`` (lazily), never at ``import memlayers``.
-All math is fp32; gate matmuls always use ieee precision (they set every decay coefficient).
+All math is fp32; gate matmuls use "tf32x3" (fp32-level accuracy on tensor cores: they set every
+decay coefficient, whatever the inputs' dtype).
 """
 import triton
 import triton.language as tl
@@ -23,6 +24,12 @@ def mm(a, b, MM: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def gate_mm(a, b):
+    """``a @ b`` of fp32 gate matrices at fp32-level accuracy (three tf32 products)."""
+    return tl.dot(a, b, input_precision="tf32x3")
+
+
+@triton.jit
 def _row_block(P, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
     """Pointers and mask of rows ``t0 .. t0+BC`` (of ``T``), columns ``c0 .. c0+BD`` (of ``D``) of a
     row-major ``[*, D]`` matrix whose row 0 is row ``base`` of ``P``."""
@@ -34,8 +41,14 @@ def _row_block(P, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.con
 
 @triton.jit
 def _load_rows(P, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    return _load_rows_raw(P, base, t0, T, c0, D, BD, BC).to(tl.float32)
+
+
+@triton.jit
+def _load_rows_raw(P, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    """Rows in their stored dtype: dot operands are cast to the matmul dtype, never through fp32."""
     ptrs, m = _row_block(P, base, t0, T, c0, D, BD, BC)
-    return tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=m, other=0.0)
 
 
 @triton.jit
@@ -45,64 +58,45 @@ def _store_rows(P, x, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl
 
 
 @triton.jit
-def _mat_ptrs(P, idx, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    """Pointers and mask of columns ``c0 .. c0+BCOL`` of matrix ``idx`` in a stack of ``[R, C]`` row-major matrices."""
-    rr = tl.arange(0, BR)
+def _mat_ptrs(P, idx, r0, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    """Pointers and mask of the block at row ``r0``, column ``c0`` of matrix ``idx`` in a stack of
+    ``[R, C]`` row-major matrices."""
+    rr = r0 + tl.arange(0, BR)
     cc = c0 + tl.arange(0, BCOL)
     return P + idx * (R * C) + rr[:, None] * C + cc[None, :], (rr < R)[:, None] & (cc < C)[None, :]
 
 
 @triton.jit
-def _load_mat(P, idx, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    ptrs, m = _mat_ptrs(P, idx, c0, R, C, BR, BCOL)
+def _load_mat(P, idx, r0, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    ptrs, m = _mat_ptrs(P, idx, r0, c0, R, C, BR, BCOL)
     return tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_mat(P, idx, c0, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
-    ptrs, m = _mat_ptrs(P, idx, c0, R, C, BR, BCOL)
+def _store_mat(P, idx, r0, c0, x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
+    ptrs, m = _mat_ptrs(P, idx, r0, c0, R, C, BR, BCOL)
     tl.store(ptrs, x, mask=m)
 
 
 @triton.jit
-def _load_state(PW, PS, idx, c0, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+def _load_state(PW, PS, idx, r0, c0, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                 BR: tl.constexpr, BCOL: tl.constexpr):
-    """One layer's state block ``(W, S)`` (columns from ``c0``) of matrix ``idx`` of ``PW``, ``PS`` (``S`` is 0 without momentum)."""
-    W = _load_mat(PW, idx, c0, R, C, BR, BCOL)
+    """One layer's state block ``(W, S)`` at ``(r0, c0)`` of matrix ``idx`` of ``PW``, ``PS`` (``S`` is 0 without momentum)."""
+    W = _load_mat(PW, idx, r0, c0, R, C, BR, BCOL)
     if MOMENTUM:
-        S = _load_mat(PS, idx, c0, R, C, BR, BCOL)
+        S = _load_mat(PS, idx, r0, c0, R, C, BR, BCOL)
     else:
         S = tl.zeros([BR, BCOL], dtype=tl.float32)
     return W, S
 
 
 @triton.jit
-def _store_state(PW, PS, idx, c0, W, S, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+def _store_state(PW, PS, idx, r0, c0, W, S, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                  BR: tl.constexpr, BCOL: tl.constexpr):
-    """Store one layer's state block ``(W, S)`` into matrix ``idx`` of ``PW``, ``PS`` (``S`` only with momentum)."""
-    _store_mat(PW, idx, c0, W, R, C, BR, BCOL)
+    """Store one layer's state block ``(W, S)`` at ``(r0, c0)`` of matrix ``idx`` of ``PW``, ``PS`` (``S`` only with momentum)."""
+    _store_mat(PW, idx, r0, c0, W, R, C, BR, BCOL)
     if MOMENTUM:
-        _store_mat(PS, idx, c0, S, R, C, BR, BCOL)
-
-
-@triton.jit
-def _load_chunk_bwd_rows(Q, K, V, DY, tbase, t0, T, DK: tl.constexpr, DV: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
-    """A chunk's rows of ``q, k [C, DK]`` and ``v, dy [C, DV]`` (fp32, zero past ``T``)."""
-    q = _load_rows(Q, tbase, t0, T, 0, DK, BK, BC)
-    k = _load_rows(K, tbase, t0, T, 0, DK, BK, BC)
-    v = _load_rows(V, tbase, t0, T, 0, DV, BV, BC)
-    dy = _load_rows(DY, tbase, t0, T, 0, DV, BV, BC)
-    return q, k, v, dy
-
-
-@triton.jit
-def _store_chunk_grads(DQ, DK_, DV_, dq, dk, dv, tbase, t0, T, DK: tl.constexpr, DV: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr):
-    """Store a chunk's rows of ``dq, dk [C, DK]`` and ``dv [C, DV]``."""
-    _store_rows(DQ, dq, tbase, t0, T, 0, DK, BK, BC)
-    _store_rows(DK_, dk, tbase, t0, T, 0, DK, BK, BC)
-    _store_rows(DV_, dv, tbase, t0, T, 0, DV, BV, BC)
+        _store_mat(PS, idx, r0, c0, S, R, C, BR, BCOL)
 
 
 @triton.jit
@@ -154,7 +148,7 @@ def chunk_gates(TH, AL, ET, gbase, t0, T, BC: tl.constexpr, MOMENTUM: tl.constex
         et = tl.load(ET + gbase + t0 + rc, mask=tm, other=1.0).to(tl.float32)
         lb = tl.cumsum(tl.log(tl.maximum(et, 1e-30)), 0)
         LB = tl.exp(tl.where(causal, lb[:, None] - lb[None, :], float("-inf")))
-        c = tl.dot(LA, LB, input_precision="ieee")
+        c = gate_mm(LA, LB)
         Bv = tl.exp(lb)
         d = tl.sum(LA * Bv[None, :], 1)
     else:
@@ -191,7 +185,7 @@ def gate_grad(G, dP, L, lcum, gate, BC: tl.constexpr):
     rc = tl.arange(0, BC)
     lex = lcum - tl.log(tl.maximum(gate, 1e-30))  # log prod_{m<l} gate_m
     before = tl.exp(tl.where(rc[:, None] > rc[None, :], lex[:, None] - lcum[None, :], float("-inf")))
-    X = tl.dot(G, tl.trans(before), input_precision="ieee") + dP[:, None] * tl.exp(lex)[None, :]
+    X = gate_mm(G, tl.trans(before)) + dP[:, None] * tl.exp(lex)[None, :]
     return tl.sum(L * X, 0)
 
 
@@ -220,11 +214,11 @@ def gates_bwd(
         sdec = tl.exp(lb_last - lb)
         dth += sdec * ds_end
         # Uses of LB: c = LA LB, s_end = LB[last] * theta; of B: d = LA B, B_last.
-        dLB = tl.dot(tl.trans(LA), dc, input_precision="ieee") + tl.where(is_last[:, None], (ds_end * th)[None, :], 0.0)
+        dLB = gate_mm(tl.trans(LA), dc) + tl.where(is_last[:, None], (ds_end * th)[None, :], 0.0)
         dBv = tl.sum(LA * dd[:, None], 0) + tl.where(is_last, db_end, 0.0)
         et = tl.load(ET + gbase + t0 + rc, mask=tm, other=1.0).to(tl.float32)
         tl.store(DET + obase + t0 + rc, gate_grad(dLB, dBv, LB, lb, et, BC), mask=tm)
-        dLA = tl.dot(dc, tl.trans(LB), input_precision="ieee") + dd[:, None] * Bv[None, :]
+        dLA = gate_mm(dc, tl.trans(LB)) + dd[:, None] * Bv[None, :]
     else:
         dLA = dc
     if FORGET:

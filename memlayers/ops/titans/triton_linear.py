@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    _load_rows, _load_state, _store_rows, _store_state, bias_grad, bias_hess, chunk_gates, gates_bwd, mm, pick,
+    _load_rows, _load_rows_raw, _load_state, _store_rows, _store_state, bias_grad, bias_hess, chunk_gates, gates_bwd, mm, pick,
     pick_row,
 )
 
@@ -38,11 +38,11 @@ def _linear_chunk_fwd(
 ):
     """One chunk for the column block ``v0 .. v0+BV``: stores its retrieval (with ``WRITE_Y``), returns the end state."""
     th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
-    k = _load_rows(K, tbase, t0, T, 0, DK, BK, BC)
+    k = _load_rows_raw(K, tbase, t0, T, 0, DK, BK, BC)
     v = _load_rows(V, tbase, t0, T, v0, DV, BV, BC)
     e = bias_grad(mm(k, W, MM, PREC) - v, BIAS, p, delta, eps)
     if WRITE_Y:
-        q = _load_rows(Q, tbase, t0, T, 0, DK, BK, BC)
+        q = _load_rows_raw(Q, tbase, t0, T, 0, DK, BK, BC)
         qk = mm(q, tl.trans(k), MM, PREC)
         y = A[:, None] * mm(q, W, MM, PREC) - mm(qk * c * th[None, :], e, MM, PREC)
         if MOMENTUM:
@@ -68,15 +68,15 @@ def titans_linear_fwd_kernel(
     bh = tl.program_id(0)
     v0 = tl.program_id(1) * BV
     nseg = tl.cdiv(NC, R)
-    W, S = _load_state(W0, S0, bh, v0, MOMENTUM, DK, DV, BK, BV)
+    W, S = _load_state(W0, S0, bh, 0, v0, MOMENTUM, DK, DV, BK, BV)
     for ci in range(0, NC):
         if ci % R == 0:
-            _store_state(CKW, CKS, bh * nseg + ci // R, v0, W, S, MOMENTUM, DK, DV, BK, BV)
+            _store_state(CKW, CKS, bh * nseg + ci // R, 0, v0, W, S, MOMENTUM, DK, DV, BK, BV)
         W, S = _linear_chunk_fwd(
             Q, K, V, TH, AL, ET, Y, W, S, bh * T, ci * BC, T, v0, p, delta, eps,
             DK, DV, BK, BV, BC, MOMENTUM, FORGET, BIAS, MM, PREC, True,
         )
-    _store_state(WT, ST, bh, v0, W, S, MOMENTUM, DK, DV, BK, BV)
+    _store_state(WT, ST, bh, 0, v0, W, S, MOMENTUM, DK, DV, BK, BV)
 
 
 @triton.jit
@@ -93,8 +93,8 @@ def _linear_chunk_bwd(
     returns the gradients of (W, S).
     """
     th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
-    q = _load_rows(Q, tbase, t0, T, 0, DK, BK, BC)
-    k = _load_rows(K, tbase, t0, T, 0, DK, BK, BC)
+    q = _load_rows_raw(Q, tbase, t0, T, 0, DK, BK, BC)
+    k = _load_rows_raw(K, tbase, t0, T, 0, DK, BK, BC)
     v = _load_rows(V, tbase, t0, T, v0, DV, BV, BC)
     dy = _load_rows(DY, tbase, t0, T, v0, DV, BV, BC)
     r = mm(k, W, MM, PREC) - v
@@ -163,14 +163,14 @@ def titans_linear_bwd_kernel(
     # This program's rows in the partial buffers [Dv / BV, B * H * T, ...] and its scratch states.
     pbase = (vb * nbh + bh) * T
     sc0 = (vb * nbh + bh) * R
-    dW, dS = _load_state(DWT, DST, bh, v0, MOMENTUM, DK, DV, BK, BV)
+    dW, dS = _load_state(DWT, DST, bh, 0, v0, MOMENTUM, DK, DV, BK, BV)
     for si in range(0, nseg):
         seg = nseg - 1 - si
         n_in = tl.minimum(R, NC - seg * R)
         # Recompute the segment's chunk-start states from its checkpoint.
-        W, S = _load_state(CKW, CKS, bh * nseg + seg, v0, MOMENTUM, DK, DV, BK, BV)
+        W, S = _load_state(CKW, CKS, bh * nseg + seg, 0, v0, MOMENTUM, DK, DV, BK, BV)
         for r in range(0, n_in):
-            _store_state(SCW, SCS, sc0 + r, 0, W, S, MOMENTUM, BK, BV, BK, BV)
+            _store_state(SCW, SCS, sc0 + r, 0, 0, W, S, MOMENTUM, BK, BV, BK, BV)
             if r < n_in - 1:
                 W, S = _linear_chunk_fwd(
                     Q, K, V, TH, AL, ET, Q, W, S, bh * T, (seg * R + r) * BC, T, v0, p, delta, eps,
@@ -179,11 +179,11 @@ def titans_linear_bwd_kernel(
         tl.debug_barrier()
         for rr in range(0, n_in):
             r = n_in - 1 - rr
-            W, S = _load_state(SCW, SCS, sc0 + r, 0, MOMENTUM, BK, BV, BK, BV)
+            W, S = _load_state(SCW, SCS, sc0 + r, 0, 0, MOMENTUM, BK, BV, BK, BV)
             dW, dS = _linear_chunk_bwd(
                 Q, K, V, TH, AL, ET, DY, DQP, DKP, DV_, DTH, DAL, DET,
                 W, S, dW, dS, bh * T, pbase, (seg * R + r) * BC, T, v0, p, delta, eps,
                 DK, DV, BK, BV, BC, MOMENTUM, FORGET, BIAS, MM, PREC,
             )
         tl.debug_barrier()
-    _store_state(DW0, DS0, bh, v0, dW, dS, MOMENTUM, DK, DV, BK, BV)
+    _store_state(DW0, DS0, bh, 0, v0, dW, dS, MOMENTUM, DK, DV, BK, BV)
