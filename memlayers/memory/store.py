@@ -8,6 +8,10 @@ Layout (the gpt-fast KV-cache shape: registered buffers, explicit setup):
     write_ptr [B]    int64    the next slot to write (ring-buffer FIFO eviction)
     next_position [B] int64   the position given to the next token added without explicit positions
 
+A host-side int, ``filled`` (the largest count over rows, kept by add/reset/load without reading the
+device), bounds the slots that can be valid: the exact search scans slots 0..filled-1 only, so its cost
+follows what is stored, not the capacity.
+
 Every public method validates all of its arguments before it touches any buffer, so a failed call
 leaves the memory exactly as it was.
 """
@@ -156,6 +160,7 @@ class KNNMemory(nn.Module, MemoryModule):
         self.register_buffer("write_ptr", torch.zeros(B, device=device, dtype=torch.long))
         self.register_buffer("next_position", torch.zeros(B, device=device, dtype=torch.long))
         self._index = index_set
+        self._filled = 0
 
     # A lock cannot be copied or pickled: a copy of the memory gets a lock of its own.
     def __getstate__(self):
@@ -181,6 +186,12 @@ class KNNMemory(nn.Module, MemoryModule):
     @property
     def dtype(self) -> torch.dtype:
         return self.keys.dtype
+
+    @property
+    def filled(self) -> int:
+        """Slots 0..filled-1 hold every valid entry of every row (the largest count over rows; a host
+        int, read without touching the device). 0: the memory holds nothing."""
+        return self._filled
 
     @property
     def memory_batch_size(self) -> int:
@@ -272,6 +283,7 @@ class KNNMemory(nn.Module, MemoryModule):
         self.count.copy_(torch.clamp(self.count + T, max=C))
         self.write_ptr.copy_((self.write_ptr + T) % C)
         self.next_position.copy_(next_position)
+        filled, self._filled = self._filled, min(self._filled + T, C)  # every row received T tokens
         if self._index is None:
             return
         try:
@@ -286,6 +298,7 @@ class KNNMemory(nn.Module, MemoryModule):
             self.count.copy_(count)
             self.write_ptr.copy_(write_ptr)
             self.next_position.copy_(next_pos)
+            self._filled = filled
             self._index.invalidate()
             raise
 
@@ -305,6 +318,8 @@ class KNNMemory(nn.Module, MemoryModule):
         self.count[mask] = 0
         self.write_ptr[mask] = 0
         self.next_position[mask] = 0
+        # One device read per partial reset (not per search): the rows left decide the filled prefix.
+        self._filled = 0 if rows is None else int(self.count.max())
         if self._index is not None:
             self._index.reset_rows(mask.nonzero().flatten().tolist())
 
@@ -345,8 +360,11 @@ class KNNMemory(nn.Module, MemoryModule):
 
         if self._index is not None:
             scores, indices = self._index.search(queries, k, self.keys, self.count)
-        else:
-            scores, indices = knn_search(queries, self.keys, k, valid_lengths=self.count,
+        elif self._filled == 0:
+            scores = torch.full((B, Hq, T, k), float("-inf"), device=self.device)
+            indices = torch.full((B, Hq, T, k), -1, dtype=torch.long, device=self.device)
+        else:  # only slots 0..filled-1 can be valid: the cost follows what is stored, not the capacity
+            scores, indices = knn_search(queries, self.keys[:, :, : self._filled], k, valid_lengths=self.count,
                                          metric=self.metric, backend=self.backend)
         mask = indices >= 0
         safe = indices.clamp_min(0)
@@ -401,6 +419,7 @@ class KNNMemory(nn.Module, MemoryModule):
             self._allocate(B, C, self.device, self.dtype)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.keys = _key_layout(self.keys)  # load_state_dict(assign=True) takes the given tensor's strides
+        self._filled = int(self.count.max())
         if blobs and self._index is None and strict:
             unexpected_keys.extend(tag + k for k in blobs)
         if self._index is not None:

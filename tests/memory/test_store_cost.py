@@ -1,0 +1,69 @@
+"""KNNMemory's search cost follows what is stored (issue 12) and decode reads nothing back from the
+device (issue 13)."""
+import pytest
+import torch
+
+import memlayers as ml
+from memlayers.ops.knn_search import knn_search
+
+
+def _full_scan(mem, q, k):
+    """The reference: exact search over the whole capacity, invalid slots masked by count."""
+    return knn_search(q, mem.keys, k, valid_lengths=mem.count, metric=mem.metric, backend="torch")
+
+
+@pytest.fixture
+def scanned(monkeypatch):
+    """Records the number of slots each exact search scans."""
+    from memlayers.memory import store
+
+    seen = []
+    real = store.knn_search
+
+    def spy(q, keys, *args, **kwargs):
+        seen.append(keys.shape[2])
+        return real(q, keys, *args, **kwargs)
+
+    monkeypatch.setattr(store, "knn_search", spy)
+    return seen
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_search_scans_the_filled_prefix_and_equals_a_full_scan(stream, scanned, metric):
+    mem = ml.KNNMemory(3, 2, 16, capacity=200, metric=metric, backend="torch")
+    q = torch.randn(3, 4, 5, 16)
+    steps = [(7, 7), (30, 37), (60, 97)]  # (added, filled after)
+    for T, filled in steps:
+        stream(mem, steps=1, T=T)
+        res = mem.search(q, 9)
+        ref_s, ref_i = _full_scan(mem, q, 9)
+        assert mem.filled == filled and scanned[-1] == filled
+        # Another GEMV shape may round the last bit differently: scores to fp32 accuracy.
+        assert torch.equal(res.indices, ref_i) and torch.allclose(res.scores, ref_s, rtol=1e-5, atol=1e-5)
+    mem.reset([0, 2])
+    assert mem.filled == 97  # row 1 still holds 97
+    mem.reset(1)
+    assert mem.filled == 0
+    calls = len(scanned)
+    res = mem.search(q, 9)
+    assert len(scanned) == calls, "an empty memory needs no search"
+    assert bool((res.indices == -1).all()) and bool(torch.isinf(res.scores).all())
+    stream(mem, steps=1, T=250)  # more than the capacity: the ring is full
+    assert mem.filled == 200
+    res = mem.search(q, 9)
+    assert scanned[-1] == 200 and torch.equal(res.indices, _full_scan(mem, q, 9)[1])
+
+
+def test_filled_after_partial_reset_load_and_bind(stream):
+    mem = ml.KNNMemory(2, 1, 8, capacity=50)
+    stream(mem, steps=1, T=20)
+    mem.reset([1])
+    stream(mem, steps=1, T=5)
+    assert mem.count.tolist() == [25, 5] and mem.filled == 25
+    other = ml.KNNMemory(1, 1, 8, capacity=9)
+    other.load_state_dict(mem.state_dict())
+    assert other.filled == 25
+    q = torch.randn(2, 1, 3, 8)
+    assert torch.equal(other.search(q, 4).indices, _full_scan(mem, q, 4)[1])
+    other.bind_batch(3)
+    assert other.filled == 0
