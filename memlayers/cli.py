@@ -9,7 +9,7 @@ from typing import List, Optional
 
 
 def _bench_runner() -> Path:
-    # bench/ is not a package (see DESIGN.md): it lives beside memlayers/ in a source checkout.
+    # bench/ is not a package (docs/design.md, Layout): it lives beside memlayers/ in a source checkout.
     return Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
