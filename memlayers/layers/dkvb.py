@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dkvb import dkvb_lookup
+from .learned_memory import LearnedMemory
 from .names import renamed, warn_renamed
 from ..ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
 
@@ -26,7 +27,7 @@ SPLITTERS = ("chunk", "random", "learned")
 DECODERS = ("vote", "mlp", "none")
 
 
-class DiscreteKeyValueBottleneck(nn.Module):
+class DiscreteKeyValueBottleneck(nn.Module, LearnedMemory):
     """Discrete key-value bottleneck with C codebooks of N (frozen key, learnable value) pairs.
 
     Args:

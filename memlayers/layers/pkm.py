@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.embedding_bag import weighted_embedding_bag
+from .learned_memory import LearnedMemory
 from .names import renamed, warn_renamed
 from ..ops.utils import FLOAT_DTYPES, check_positive_int, check_tensor
 
 
-class ProductKeyMemory(nn.Module):
+class ProductKeyMemory(nn.Module, LearnedMemory):
     """Product-key memory layer: ``x [..., dim] -> [..., dim]`` (or ``[..., value_dim]``).
 
     Args:

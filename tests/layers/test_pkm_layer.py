@@ -99,3 +99,20 @@ def test_old_topk_name_warns_and_still_works():
     assert pkm.top_k == 3
     with pytest.warns(DeprecationWarning, match="topk"):
         assert pkm.topk == 3
+
+
+def test_learned_memories_are_found_by_the_walk_and_have_no_row_state():
+    from memlayers.layers.dkvb import DiscreteKeyValueBottleneck
+    from memlayers.memory.protocol import memory_modules
+
+    model = torch.nn.Sequential(ProductKeyMemory(dim=8, num_keys=4, top_k=2, backend="torch"),
+                                DiscreteKeyValueBottleneck(8, 2, 16, key_dim=2, backend="torch"))
+    assert [name for name, _ in memory_modules(model)] == ["0", "1"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _, m in memory_modules(model):
+        m.bind_batch(3)
+        m.reset_memory([0])
+        assert m.memory_batch_size is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="batch_size"):
+        model[0].bind_batch(0)
