@@ -12,8 +12,8 @@ A host-side int, ``filled`` (the largest count over rows, kept by add/reset/load
 device), bounds the slots that can be valid: the exact search scans slots 0..filled-1 only, so its cost
 follows what is stored, not the capacity.
 
-Every public method validates all of its arguments before it touches any buffer, so a failed call
-leaves the memory exactly as it was.
+Every public method checks all of its arguments before it touches any buffer (the data checks of
+``add`` unless ``validate=False``), so a failed call leaves the memory exactly as it was.
 """
 from __future__ import annotations
 
@@ -79,6 +79,12 @@ class KNNMemory(nn.Module, MemoryModule):
         backend: the compute backend of the exact search, passed to ``ml.knn_search``: ``"auto"``,
             ``"torch"``, ``"triton"`` or ``"native"``.
         device, dtype: where the buffers live and their dtype (fp32, fp16 or bf16).
+        validate: ``add`` checks that keys and values are finite and explicit positions non-negative
+            (default True: a NaN key would win every later search). These are the store's only reads
+            of tensor data on the add path (on a GPU each waits for the device); a caller whose inputs
+            are finite by construction may turn them off. ``search`` reads no tensor data with
+            ``index="exact"`` whatever ``validate`` says (a non-finite query changes nothing stored;
+            with the torch backend it finds nothing); FAISS indexes search on the host.
         search_backend: deprecated spelling of ``backend``; ``backend="exact"|"faiss"`` is the
             deprecated spelling of ``index`` (see ``memlayers/memory/names.py``).
 
@@ -121,6 +127,7 @@ class KNNMemory(nn.Module, MemoryModule):
         backend: str = "auto",
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
+        validate: bool = True,
         search_backend: Optional[str] = None,
     ):
         super().__init__()
@@ -132,6 +139,8 @@ class KNNMemory(nn.Module, MemoryModule):
         value_dim = dim if value_dim is None else check_positive_int("value_dim", value_dim)
         check_positive_int("capacity", capacity)
         index, backend = store_names(index, backend, search_backend)
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
         check_choice("metric", metric, METRICS)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
@@ -139,7 +148,7 @@ class KNNMemory(nn.Module, MemoryModule):
         device = torch.device("cpu") if device is None else torch.device(device)
 
         self.heads, self.dim, self.value_dim = heads, dim, value_dim
-        self.index, self.backend, self.metric = index, backend, metric
+        self.index, self.backend, self.metric, self.validate = index, backend, metric, validate
         self.index_options = check_index_options(index, index_options, capacity)
         self._lock = threading.RLock()
         self._allocate(batch_size, capacity, device, dtype)
@@ -203,7 +212,7 @@ class KNNMemory(nn.Module, MemoryModule):
         return {
             "batch_size": self.batch_size, "heads": self.heads, "dim": self.dim, "value_dim": self.value_dim,
             "capacity": self.capacity, "index": self.index, "metric": self.metric,
-            "index_options": self.index_options, "backend": self.backend,
+            "index_options": self.index_options, "backend": self.backend, "validate": self.validate,
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
@@ -232,7 +241,7 @@ class KNNMemory(nn.Module, MemoryModule):
             raise ValueError(f"positions must have shape ({T},) or ({self.batch_size}, {T}), got {tuple(positions.shape)}")
         if not same_device(positions.device, self.device):
             raise ValueError(f"positions must be on the memory's device {self.device}, got {positions.device}")
-        if T and bool((positions < 0).any()):
+        if self.validate and T and bool((positions < 0).any()):
             raise ValueError("positions must be non-negative")
         return positions.long()
 
@@ -256,8 +265,9 @@ class KNNMemory(nn.Module, MemoryModule):
         self._check_float("values", values, (B, H, T, Dv))
         if positions is not None:
             positions = self._check_positions(positions, T)
-        check_finite("keys", keys)
-        check_finite("values", values)
+        if self.validate:  # reads the device: the switch's one cost (see the class docstring)
+            check_finite("keys", keys)
+            check_finite("values", values)
         if T == 0:
             return
 
@@ -356,7 +366,6 @@ class KNNMemory(nn.Module, MemoryModule):
         if Hq % H != 0:
             raise ValueError(f"queries' head count ({Hq}) must be a multiple of the memory's heads ({H})")
         check_positive_int("k", k)
-        check_finite("queries", queries)
 
         if self._index is not None:
             scores, indices = self._index.search(queries, k, self.keys, self.count)

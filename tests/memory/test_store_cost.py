@@ -67,3 +67,68 @@ def test_filled_after_partial_reset_load_and_bind(stream):
     assert torch.equal(other.search(q, 4).indices, _full_scan(mem, q, 4)[1])
     other.bind_batch(3)
     assert other.filled == 0
+
+
+_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts every Python-level read of tensor data (each one waits for the device on a GPU)."""
+    reads = []
+    for name in _READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_step_reads_nothing_back(stream, host_reads, backend):
+    mem = ml.KNNMemory(2, 2, 16, capacity=64, backend=backend, validate=False)
+    stream(mem, steps=2, T=40)  # wraps
+    host_reads.clear()
+    for _ in range(3):  # a decode step: write the new token, search with its query
+        mem.add(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+        mem.search(torch.randn(2, 4, 1, 16), k=8)
+        mem.search(torch.randn(2, 4, 1, 16), k=8, gather=False)
+    assert host_reads == []
+
+
+def test_validate_is_the_only_read_on_add(stream, host_reads):
+    mem = ml.KNNMemory(2, 2, 16, capacity=64, backend="torch")
+    host_reads.clear()
+    mem.add(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16))
+    assert host_reads == ["__bool__", "__bool__"]  # keys and values finite
+    mem.search(torch.randn(2, 4, 1, 16), k=8)
+    assert host_reads == ["__bool__", "__bool__"]
+
+
+def test_validate_switch(stream):
+    checked = ml.KNNMemory(1, 1, 4, capacity=8)
+    with pytest.raises(ValueError, match="keys"):
+        checked.add(torch.full((1, 1, 2, 4), float("nan")), torch.zeros(1, 1, 2, 4))
+    assert checked.count.tolist() == [0]
+    trusting = ml.KNNMemory(1, 1, 4, capacity=8, validate=False)
+    trusting.add(torch.full((1, 1, 2, 4), float("nan")), torch.zeros(1, 1, 2, 4))  # the caller's promise
+    assert trusting.count.tolist() == [2] and trusting.config()["validate"] is False
+    with pytest.raises(TypeError, match="validate"):
+        ml.KNNMemory(1, 1, 4, validate=1)
+
+
+def test_a_non_finite_query_changes_nothing(stream):
+    mem = ml.KNNMemory(2, 1, 8, capacity=20, backend="torch")
+    stream(mem, steps=2, T=6)
+    before = {n: b.clone() for n, b in mem.named_buffers()}
+    q = torch.randn(2, 1, 3, 8)
+    q[0, 0, 1, 2] = float("nan")
+    res = mem.search(q, 4)
+    for n, b in mem.named_buffers():
+        assert torch.equal(before[n], b), n
+    # The other queries' results are unaffected by their neighbour's NaN.
+    clean = mem.search(q[:, :, [0, 2]], 4)
+    assert torch.equal(res.indices[:, :, [0, 2]], clean.indices)
