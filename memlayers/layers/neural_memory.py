@@ -228,6 +228,8 @@ class NeuralMemory(nn.Module):
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         B, T, _ = x.shape
+        if T == 0:  # nothing to read or learn: an empty output, the state as it was
+            return x.new_zeros(x.shape), state
         q, k, v, conv_cache = self._project(x, state.conv_cache)
         theta, alpha, eta = self._gates(x)
         # Resume the unfinished chunk from its start so chunk boundaries match a single call.

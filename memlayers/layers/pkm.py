@@ -123,7 +123,8 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
         indices, weights = self.address(flat)
         T = flat.shape[0]
         read = weighted_embedding_bag(
-            self.values, indices.reshape(T, -1), weights.reshape(T, -1).to(self.values.dtype),
+            self.values, indices.reshape(T, self.heads * self.top_k),
+            weights.reshape(T, self.heads * self.top_k).to(self.values.dtype),
             backend=self.backend, check_indices=False,  # built here, always in range
         )
         if self.gate is not None:

@@ -126,6 +126,8 @@ class TitansMAC(_TitansBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         B, T, _ = x.shape
+        if T == 0:  # no segment at all: an empty output
+            return x.new_zeros(x.shape)
         P = self.persistent.unsqueeze(0).expand(B, -1, -1)
         state, outs = None, []
         for start in range(0, T, self.segment_len):

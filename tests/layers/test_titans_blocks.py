@@ -62,3 +62,18 @@ def test_bad_input(kind):
     bad[0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         block(bad)
+
+
+def test_zero_length_sequences_give_empty_outputs():
+    """Issue 14: T=0 is an empty output of the right shape (and, for NeuralMemory, the state unchanged)."""
+    import memlayers as ml
+
+    x = torch.randn(2, 0, 16, requires_grad=True)
+    nm = ml.NeuralMemory(16, heads=2, chunk_size=4, backend="torch")
+    y, state = nm(x)
+    assert y.shape == (2, 0, 16) and state.seen == 0 and nm.read(x, state).shape == (2, 0, 16)
+    assert ml.TitansMAC(16, heads=2, segment_len=4)(x).shape == (2, 0, 16)
+    pkm = ml.ProductKeyMemory(dim=16, num_keys=4, top_k=2, backend="torch")
+    assert pkm(x).shape == (2, 0, 16)
+    pkm(x).sum().backward()
+    assert x.grad.shape == (2, 0, 16)
