@@ -9,19 +9,19 @@ import torch
 from .memory import KNNMemory
 
 BACKENDS = [
-    ("exact (torch)", dict(backend="exact", search_backend="torch")),
-    ("exact (triton)", dict(backend="exact", search_backend="triton")),
-    ("faiss flat", dict(backend="faiss", index="flat")),
-    ("faiss ivf", dict(backend="faiss", index="ivf", index_options=dict(nlist=128, nprobe=16))),
-    ("faiss hnsw", dict(backend="faiss", index="hnsw", index_options=dict(hnsw_m=16, ef_search=64))),
+    ("exact (torch)", dict(index="exact", backend="torch")),
+    ("exact (triton)", dict(index="exact", backend="triton")),
+    ("faiss flat", dict(index="flat")),
+    ("faiss ivf", dict(index="ivf", index_options=dict(nlist=128, nprobe=16))),
+    ("faiss hnsw", dict(index="hnsw", index_options=dict(hnsw_m=16, ef_search=64))),
 ]
 
 
 def _available(opts: dict, device: torch.device) -> str:
     """Why a backend cannot run here ('' when it can)."""
-    if opts.get("search_backend") == "triton" and device.type != "cuda":
+    if opts.get("backend") == "triton" and device.type != "cuda":
         return "needs a CUDA GPU (the interpreter is for tests)"
-    if opts["backend"] == "faiss":
+    if opts["index"] != "exact":
         try:
             import faiss  # noqa: F401
         except ImportError:

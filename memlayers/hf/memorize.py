@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from ..memory.protocol import row_mask
 from ..ops.utils import check_positive_int, check_tensor
 from .families import base_model
 from .state import get_state
@@ -110,38 +111,14 @@ def _prepare_rows(model, state, batch_size: int) -> None:
         pos.resize(batch_size)
 
 
-def _rows_mask(rows, batch_size: int, device) -> torch.Tensor:
-    if rows is None:
-        return torch.ones(batch_size, dtype=torch.bool, device=device)
-    if isinstance(rows, bool):
-        raise TypeError("rows must be None, an int, a list of ints, a LongTensor of row ids or a bool mask, got bool")
-    if isinstance(rows, int):
-        rows = [rows]
-    if isinstance(rows, (list, tuple)):
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
-            raise TypeError(f"rows must hold ints, got {rows!r}")
-        rows = torch.tensor(rows, dtype=torch.long)
-    check_tensor("rows", rows, ndim=1)
-    if rows.dtype == torch.bool:
-        if rows.shape[0] != batch_size:
-            raise ValueError(f"rows as a bool mask must have shape ({batch_size},), got {tuple(rows.shape)}")
-        return rows.to(device)
-    if rows.is_floating_point() or rows.is_complex():
-        raise TypeError(f"rows must be integer row ids or a bool mask, got dtype {rows.dtype}")
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch_size):
-        raise ValueError(f"rows must be row ids in 0..{batch_size - 1}, got {rows.tolist()}")
-    mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    mask[rows.to(device)] = True
-    return mask
-
-
 @torch.no_grad()
 def reset_memory(model, rows=None):
     """Forget what was memorized, in every attached memory.
 
     Args:
-        rows: None (every row), an int, a list or LongTensor of row ids, or a ``[B]`` bool mask.
-            Other rows are left exactly as they were.
+        rows: None (every row), an int, a list or LongTensor of row ids, or a ``[B]`` bool mask
+            (tensor or list of bools), read by ``memlayers.memory.protocol.row_mask``. Other rows are
+            left exactly as they were.
 
     Returns the model.
     """
@@ -154,7 +131,7 @@ def reset_memory(model, rows=None):
         if rows is not None:
             raise ValueError("rows: nothing was memorized yet, so there are no rows to reset")
         return model
-    mask = _rows_mask(rows, batch, pos.offset.device if pos is not None else "cpu")
+    mask = row_mask(rows, batch, pos.offset.device if pos is not None else "cpu")
     for wrapper in state.wrappers():
         if hasattr(wrapper, "reset_rows"):
             wrapper.reset_rows(mask)

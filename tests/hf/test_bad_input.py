@@ -47,7 +47,7 @@ def test_memorize_rejects_bad_input_before_any_change(memorized, kwargs, exc, na
     assert _same(memorized, snap)
 
 
-@pytest.mark.parametrize("rows, exc", [(5, ValueError), ([-1], ValueError), (torch.ones(3, dtype=torch.bool), ValueError),
+@pytest.mark.parametrize("rows, exc", [(5, ValueError), ([-3], ValueError), ([True, 0], TypeError), (torch.ones(3, dtype=torch.bool), ValueError),
                                        (torch.tensor([0.5]), TypeError), (True, TypeError), ("0", TypeError)])
 def test_reset_memory_rejects_bad_rows(memorized, rows, exc):
     snap = _snapshot(memorized)

@@ -23,7 +23,7 @@ def test_rows_are_independent_and_reset_rows_forgets_only_them():
     mm.memorize(model, ids[:, :40], chunk_size=16)
     titans = model.model.layers[0]
     kept = titans.memory_state.weights[0][0].clone()
-    mm.reset_memory(model, rows=[1])
+    mm.reset_memory(model, rows=[False, True])  # a list of bools is a mask: row 1 (not rows 0 and 1)
     out = logits(model, ids[:, 40:])
     assert rel_err(out[:1], full0[:, 40:]) < 1e-4   # row 0 still has its memory
     assert rel_err(out[1:], alone1) < 1e-4          # row 1 starts over, at position 0
