@@ -16,7 +16,7 @@ from ..ops.utils import FLOAT_DTYPES
 STATE_NAMES = ("keys", "values", "positions", "count", "write_ptr", "next_position")
 
 
-def _shape_problems(state: Dict[str, torch.Tensor], heads: int, dim: int, value_dim: int) -> List[str]:
+def _shape_problems(state: Dict[str, torch.Tensor], heads: int, dim: int, value_dim: int, slots: int = None) -> List[str]:
     keys, values = state["keys"], state["values"]
     problems = []
     for name in STATE_NAMES:
@@ -27,6 +27,8 @@ def _shape_problems(state: Dict[str, torch.Tensor], heads: int, dim: int, value_
     if keys.dim() != 4 or tuple(keys.shape[1:2]) + tuple(keys.shape[3:]) != (heads, dim):
         return [f"keys has shape {tuple(keys.shape)}, expected (batch, {heads}, capacity, {dim})"]
     B, C = keys.shape[0], keys.shape[2]
+    if slots is not None and C != slots:
+        return [f"keys has {C} slots, expected {slots} (this shard's share of the capacity)"]
     expected = {"values": (B, heads, C, value_dim), "positions": (B, C), "count": (B,), "write_ptr": (B,),
                 "next_position": (B,)}
     for name, shape in expected.items():
@@ -43,8 +45,7 @@ def _shape_problems(state: Dict[str, torch.Tensor], heads: int, dim: int, value_
     return problems
 
 
-def _content_problems(state: Dict[str, torch.Tensor]) -> List[str]:
-    C = state["keys"].shape[2]
+def _content_problems(state: Dict[str, torch.Tensor], slot_ids: torch.Tensor, C: int) -> List[str]:
     count, write_ptr = state["count"].cpu(), state["write_ptr"].cpu()
     positions, next_position = state["positions"].cpu(), state["next_position"].cpu()
     problems = []
@@ -58,7 +59,7 @@ def _content_problems(state: Dict[str, torch.Tensor]) -> List[str]:
     if bool((write_ptr[filling] != count[filling]).any()):
         problems.append(f"write_ptr {write_ptr.tolist()} disagrees with count {count.tolist()} "
                         f"(a ring that is not full writes slot count next)")
-    valid = torch.arange(C)[None, :] < count[:, None]
+    valid = slot_ids[None, :] < count[:, None]
     if bool((positions[valid] < 0).any()) or bool((positions[~valid] != -1).any()):
         problems.append("positions are not >= 0 exactly in the valid slots 0..count-1 and -1 elsewhere")
     if bool((next_position < 0).any()):
@@ -69,15 +70,24 @@ def _content_problems(state: Dict[str, torch.Tensor]) -> List[str]:
     return problems
 
 
-def check_state(state: Dict[str, torch.Tensor], heads: int, dim: int, value_dim: int) -> Tuple[int, int]:
+def check_state(state: Dict[str, torch.Tensor], heads: int, dim: int, value_dim: int, stripe=None) -> Tuple[int, int]:
     """``(batch_size, capacity)`` of a state that fits a memory of these heads and dims.
 
+    ``stripe``: for one rank's shard of a sharded memory (``sharding.Stripe``), whose buffers hold
+    that rank's slots and whose count, write pointer and positions are global.
     Raises ``ValueError`` listing every problem found (all shapes first, then contents).
     """
     missing = [name for name in STATE_NAMES if name not in state]
     if missing:
         raise ValueError(f"the state lacks {missing}")
-    problems = _shape_problems(state, heads, dim, value_dim) or _content_problems(state)
+    slots = None if stripe is None else stripe.local_capacity
+    problems = _shape_problems(state, heads, dim, value_dim, slots)
+    if not problems:
+        C = state["keys"].shape[2] if stripe is None else stripe.capacity
+        slot_ids = torch.arange(state["keys"].shape[2])
+        if stripe is not None:  # padding slots past the capacity get ids >= C: never valid
+            slot_ids = slot_ids * stripe.world + stripe.rank
+        problems = _content_problems(state, slot_ids, C)
     if problems:
         raise ValueError("; ".join(problems))
-    return state["keys"].shape[0], state["keys"].shape[2]
+    return state["keys"].shape[0], state["keys"].shape[2] if stripe is None else stripe.capacity

@@ -33,6 +33,7 @@ from .index_options import check_index_options
 from .names import FAISS_INDEXES, store_names, upgrade_config
 from .protocol import MemoryModule, row_mask
 from .result import KNNSearchResult
+from .sharding import Stripe, assemble, merge_topk, sum_over_ranks
 from .state import STATE_NAMES, check_state
 
 
@@ -79,6 +80,12 @@ class KNNMemory(nn.Module, MemoryModule):
         backend: the compute backend of the exact search, passed to ``ml.knn_search``: ``"auto"``,
             ``"torch"``, ``"triton"`` or ``"native"``.
         device, dtype: where the buffers live and their dtype (fp32, fp16 or bf16).
+        process_group: a ``torch.distributed`` group to shard the memory over (exact index only; see
+            ``memlayers/memory/sharding.py``): ``capacity`` stays global, each rank holds every W-th
+            slot, and every rank must make the same ``add``/``search``/``reset`` calls with the same
+            arguments; each then gets what one unsharded memory returns. ``search(gather=False)`` gives
+            global slot ids, which do not index the local buffers. Save each rank's shard to its own
+            file; ``KNNMemory.load_shards`` loads them onto any number of ranks.
         validate: ``add`` checks that keys and values are finite and explicit positions non-negative
             (default True: a NaN key would win every later search). These are the store's only reads
             of tensor data on the add path (on a GPU each waits for the device); a caller whose inputs
@@ -128,6 +135,7 @@ class KNNMemory(nn.Module, MemoryModule):
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
         validate: bool = True,
+        process_group=None,
         search_backend: Optional[str] = None,
     ):
         super().__init__()
@@ -150,12 +158,25 @@ class KNNMemory(nn.Module, MemoryModule):
         self.heads, self.dim, self.value_dim = heads, dim, value_dim
         self.index, self.backend, self.metric, self.validate = index, backend, metric, validate
         self.index_options = check_index_options(index, index_options, capacity)
+        self.process_group = process_group
+        if process_group is not None:
+            import torch.distributed as dist
+
+            if index != "exact":
+                raise ValueError(f"process_group shards the exact index only, got index={index!r}")
+            Stripe(dist.get_rank(process_group), dist.get_world_size(process_group), capacity)  # checks capacity
         self._lock = threading.RLock()
         self._allocate(batch_size, capacity, device, dtype)
 
     def _allocate(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
         """(Re)build empty buffers (and FAISS indexes) for ``batch_size`` rows of ``capacity`` slots."""
-        B, H, C = batch_size, self.heads, capacity
+        B, H = batch_size, self.heads
+        self._stripe = None
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            self._stripe = Stripe(dist.get_rank(self.process_group), dist.get_world_size(self.process_group), capacity)
+        C = capacity if self._stripe is None else self._stripe.local_capacity  # slots held here
         index_set = None
         if self.index in FAISS_INDEXES:  # built first: bad index_options fail before anything changes
             from .faiss_index import FaissIndexSet
@@ -279,6 +300,14 @@ class KNNMemory(nn.Module, MemoryModule):
             keys, values, positions = keys[:, :, -C:], values[:, :, -C:], positions[:, -C:]
             T = C
 
+        if self._stripe is not None:
+            self._write_stripe(keys, values, positions, T)
+            self.count.copy_(torch.clamp(self.count + T, max=C))
+            self.write_ptr.copy_((self.write_ptr + T) % C)
+            self.next_position.copy_(next_position)
+            self._filled = min(self._filled + T, C)
+            return
+
         slots = (self.write_ptr[:, None] + torch.arange(T, device=self.device)) % C  # [B, T], distinct per row
         key_idx = slots[:, None, :, None].expand(B, H, T, D)
         value_idx = slots[:, None, :, None].expand(B, H, T, Dv)
@@ -311,6 +340,19 @@ class KNNMemory(nn.Module, MemoryModule):
             self._filled = filled
             self._index.invalidate()
             raise
+
+    def _write_stripe(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, T: int) -> None:
+        """The part of an add that lands in this rank's slots (sharded memories)."""
+        local, token, written = self._stripe.writes(self.write_ptr, T)  # [B, J] each
+
+        # A candidate slot that receives no token is rewritten with what it holds.
+        B, H, J = self.batch_size, self.heads, local.shape[1]
+        for buf, src in ((self.keys, keys), (self.values, values)):
+            shape = (B, H, J, buf.shape[3])
+            dst, tok, keep = (t[:, None, :, None].expand(shape) for t in (local, token, written))
+            buf.scatter_(2, dst, torch.where(keep, src.gather(2, tok), buf.gather(2, dst)))
+        old = self.positions.gather(1, local)
+        self.positions.scatter_(1, local, torch.where(written, positions.gather(1, token), old))
 
     @_locked
     @torch.no_grad()
@@ -367,6 +409,8 @@ class KNNMemory(nn.Module, MemoryModule):
             raise ValueError(f"queries' head count ({Hq}) must be a multiple of the memory's heads ({H})")
         check_positive_int("k", k)
 
+        if self._stripe is not None:
+            return self._search_sharded(queries, k, gather)
         if self._index is not None:
             scores, indices = self._index.search(queries, k, self.keys, self.count)
         elif self._filled == 0:
@@ -382,6 +426,28 @@ class KNNMemory(nn.Module, MemoryModule):
         if gather:
             result.keys = self._gather(self.keys, safe, mask)
             result.values = self._gather(self.values, safe, mask)
+        return result
+
+    def _search_sharded(self, queries: torch.Tensor, k: int, gather: bool) -> KNNSearchResult:
+        B, Hq, T = queries.shape[:3]
+        stripe, group = self._stripe, self.process_group
+        filled = stripe.local_filled(self._filled)
+        if filled == 0:
+            scores = torch.full((B, Hq, T, k), float("-inf"), device=self.device)
+            local = torch.full((B, Hq, T, k), -1, dtype=torch.long, device=self.device)
+        else:
+            scores, local = knn_search(queries, self.keys[:, :, :filled], k, valid_lengths=stripe.local_count(self.count),
+                                       metric=self.metric, backend=self.backend)
+        scores, indices = merge_topk(scores, stripe.global_slots(local), k, group)
+        mask = indices >= 0
+        mine = mask & (indices % stripe.world == stripe.rank)
+        safe = torch.where(mine, indices // stripe.world, torch.zeros_like(indices))
+        positions = self.positions.gather(1, safe.reshape(B, -1)).reshape(B, Hq, T, k).masked_fill(~mine, 0)
+        positions = sum_over_ranks(positions, group).masked_fill(~mask, -1)
+        result = KNNSearchResult(scores=scores, indices=indices, positions=positions, mask=mask)
+        if gather:  # the winners' owners contribute them
+            result.keys = sum_over_ranks(self._gather(self.keys, safe, mine), group)
+            result.values = sum_over_ranks(self._gather(self.values, safe, mine), group)
         return result
 
     def _gather(self, buf: torch.Tensor, safe: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -401,19 +467,23 @@ class KNNMemory(nn.Module, MemoryModule):
         if self._index is not None:
             for key, blob in self._index.serialize().items():
                 destination[f"{prefix}faiss.{key}"] = blob
+        if self._stripe is not None:  # which share of the slots this shard holds
+            st = self._stripe
+            destination[f"{prefix}shard"] = torch.tensor([st.rank, st.world, st.capacity])
 
     @_locked
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Everything is checked before anything changes: on a problem the memory is left as it was.
         tag = f"{prefix}faiss."
         blobs = {k[len(tag):]: v for k, v in state_dict.items() if k.startswith(tag)}
-        rest = {k: v for k, v in state_dict.items() if not k.startswith(tag)}
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(tag) and k != prefix + "shard"}
+        shard = state_dict.get(prefix + "shard")
         state = {name: rest[prefix + name] for name in STATE_NAMES if prefix + name in rest}
         if not state:  # nothing of this memory in the state dict: the base class reports missing keys
             super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
             return
         try:
-            B, C = check_state(state, self.heads, self.dim, self.value_dim)
+            B, C, state = self._check_loaded(state, shard)
             check_index_options(self.index, self.index_options, C)  # e.g. an IVF train_size above C
             parsed = None
             if self._index is not None and blobs:
@@ -426,6 +496,7 @@ class KNNMemory(nn.Module, MemoryModule):
             return
         if (B, C) != (self.batch_size, self.capacity):
             self._allocate(B, C, self.device, self.dtype)
+        rest.update({prefix + name: t for name, t in state.items()})
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.keys = _key_layout(self.keys)  # load_state_dict(assign=True) takes the given tensor's strides
         self._filled = int(self.count.max())
@@ -436,6 +507,59 @@ class KNNMemory(nn.Module, MemoryModule):
                 self._index.adopt(*parsed)
             else:
                 self._index.rebuild(self.keys, self.count)
+
+    def _check_loaded(self, state: dict, shard: Optional[torch.Tensor]):
+        """``(batch_size, capacity, state for this memory's buffers)``, or a ``ValueError``.
+
+        A sharded memory takes its own shard (same rank, group size and capacity), or its stripe of an
+        unsharded state; an unsharded memory takes unsharded states only."""
+        if shard is None:
+            B, C = check_state(state, self.heads, self.dim, self.value_dim)
+            if self._stripe is not None:
+                state = Stripe(self._stripe.rank, self._stripe.world, C).take(state)
+            return B, C, state
+        if not isinstance(shard, torch.Tensor) or tuple(shard.shape) != (3,):
+            raise ValueError(f"shard must be a tensor [rank, world size, capacity], got {shard!r}")
+        rank, world, capacity = (int(v) for v in shard.tolist())
+        mine = self._stripe
+        if mine is None or (rank, world) != (mine.rank, mine.world):
+            where = "an unsharded memory" if mine is None else f"rank {mine.rank} of {mine.world}"
+            raise ValueError(f"the state is rank {rank}'s shard of a memory sharded over {world} ranks, and cannot "
+                             f"load into {where} alone: load every shard's file with KNNMemory.load_shards")
+        B, C = check_state(state, self.heads, self.dim, self.value_dim, Stripe(rank, world, capacity))
+        return B, C, state
+
+    @classmethod
+    def load_shards(cls, paths, process_group=None, device=None) -> "KNNMemory":
+        """Load the files a sharded memory saved (one per rank, any order) onto ``process_group``'s
+        ranks, whatever their number (None: one unsharded memory). Every rank reads every file."""
+        shards, configs = [], []
+        for path in paths:
+            tensors, config, _ = files.read(path)
+            shard = tensors.pop("shard", None)
+            if shard is None or tuple(shard.shape) != (3,):
+                raise ValueError(f"{path} is not a shard of a sharded KNNMemory (no shard entry)")
+            stripe = Stripe(*(int(v) for v in shard.tolist()))
+            try:
+                check_state(tensors, config["heads"], config["dim"], config["value_dim"], stripe)
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{path} does not hold a loadable KNNMemory shard ({e})") from None
+            shards.append((stripe, tensors))
+            configs.append(upgrade_config(config))
+        if not shards:
+            raise ValueError("paths must name at least one shard file")
+        world = shards[0][0].world
+        if sorted(st.rank for st, _ in shards) != list(range(world)) or any(st.world != world for st, _ in shards):
+            raise ValueError(f"paths must name each rank's shard once; got ranks "
+                             f"{[(st.rank, st.world) for st, _ in shards]} (rank, group size)")
+        same = ("count", "write_ptr", "next_position")
+        if any(c != configs[0] for c in configs) or any(not torch.equal(t[n], shards[0][1][n]) for _, t in shards for n in same):
+            raise ValueError("the shard files come from different memories (configurations or ring pointers differ)")
+        config = configs[0]
+        config["dtype"] = getattr(torch, config["dtype"])
+        mem = cls(**config, process_group=process_group, device=device)
+        mem.load_state_dict(assemble(sorted(shards, key=lambda s: s[0].rank)))
+        return mem
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the memory (buffers, configuration, FAISS indexes) to a safetensors file, atomically.

@@ -1,0 +1,107 @@
+"""A ``KNNMemory`` sharded over a ``torch.distributed`` process group: the slot layout and the merge.
+
+Layout: ``capacity`` C is global. Global slot ``s`` lives on rank ``s % W`` at local slot ``s // W``
+(round-robin stripes), so every add spreads its tokens evenly, and rank r holds
+``n_r = ceil((C - r) / W)`` real slots in local buffers of ``ceil(C / W)`` slots. The ring's metadata
+(count, write_ptr, next_position, all global) is the same on every rank, because every rank makes the
+same calls with the same arguments. A rank's valid slots are a prefix of its stripe, as the global
+ring fills slots 0..count-1 first.
+
+Search: each rank searches its stripe exactly, its top-k become global slot ids, the ranks all-gather
+scores and ids and keep the k best (the same top-k as one unsharded memory); positions, keys and values
+are then fetched for the winners only: each owner contributes its winners and one all-reduce sums them.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+class Stripe:
+    """Rank ``rank``'s share of ``capacity`` global slots over ``world`` ranks."""
+
+    def __init__(self, rank: int, world: int, capacity: int):
+        if capacity < world:
+            raise ValueError(f"capacity ({capacity}) must be at least the process group's size ({world})")
+        self.rank, self.world, self.capacity = rank, world, capacity
+        self.local_capacity = -(-capacity // world)  # ceil: the buffers' slot count on every rank
+        self.slots = (capacity - rank + world - 1) // world  # real slots of this rank
+
+    def local_count(self, count: torch.Tensor) -> torch.Tensor:
+        """``[B]`` valid local slots for ``[B]`` global counts (mine are the global slots r, r+W, ...)."""
+        return ((count - self.rank + self.world - 1) // self.world).clamp_min(0)
+
+    def local_filled(self, filled: int) -> int:
+        return max(0, (filled - self.rank + self.world - 1) // self.world)
+
+    def global_slots(self, local: torch.Tensor) -> torch.Tensor:
+        """Global slot ids of local slots (``-1`` stays ``-1``)."""
+        return torch.where(local >= 0, local * self.world + self.rank, local)
+
+    def writes(self, write_ptr: torch.Tensor, T: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where an add of T tokens (T <= capacity) at ``write_ptr`` ([B]) lands on this rank.
+
+        Returns ``(local [B, J], token [B, J], written [B, J])``: J candidate local slots per row, the
+        token each receives, and whether it receives one. No device reads: J is fixed by T, and the
+        local slots are distinct, so a scatter of ``where(written, new, old)`` is well defined.
+        """
+        W, r, C = self.world, self.rank, self.capacity
+        J = min(T // W + 2, self.slots)
+        first = write_ptr + (r - write_ptr) % W  # my first global slot at or after write_ptr
+        first_local = torch.where(first < C, first // W, torch.zeros_like(first))
+        local = (first_local[:, None] + torch.arange(J, device=write_ptr.device)) % self.slots
+        token = (local * W + r - write_ptr[:, None]) % C
+        return local, token.clamp(max=T - 1), token < T
+
+    def take(self, global_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """This rank's state from an unsharded one (buffers of ``capacity`` slots)."""
+        slots = torch.arange(self.local_capacity) * self.world + self.rank
+        real = slots < self.capacity
+        out = {name: global_state[name] for name in ("count", "write_ptr", "next_position")}
+        idx = slots.clamp(max=self.capacity - 1)
+        for name, axis, empty in (("keys", 2, 0), ("values", 2, 0), ("positions", 1, -1)):
+            t = global_state[name].index_select(axis, idx.to(global_state[name].device))
+            shape = [1] * t.dim()
+            shape[axis] = -1
+            out[name] = t.masked_fill(~real.view(shape).to(t.device), empty)
+        return out
+
+
+def assemble(shards: list) -> Dict[str, torch.Tensor]:
+    """The unsharded state of ``[(stripe, state), ...]``, one per rank of the group that saved them."""
+    first_stripe, first = shards[0]
+    W, C = first_stripe.world, first_stripe.capacity
+    B, H, _, D = first["keys"].shape
+    Dv = first["values"].shape[-1]
+    out = {name: first[name].clone() for name in ("count", "write_ptr", "next_position")}
+    out["keys"] = torch.zeros(B, H, C, D, dtype=first["keys"].dtype)
+    out["values"] = torch.zeros(B, H, C, Dv, dtype=first["values"].dtype)
+    out["positions"] = torch.full((B, C), -1, dtype=torch.long)
+    for stripe, state in shards:
+        slots = torch.arange(stripe.slots) * W + stripe.rank
+        out["keys"][:, :, slots] = state["keys"][:, :, : stripe.slots].cpu()
+        out["values"][:, :, slots] = state["values"][:, :, : stripe.slots].cpu()
+        out["positions"][:, slots] = state["positions"][:, : stripe.slots].cpu()
+    return out
+
+
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The global top-k from every rank's ``scores``/``ids`` (``[B, Hq, T, k]``, global slot ids)."""
+    world = dist.get_world_size(group)
+    all_scores = [torch.empty_like(scores) for _ in range(world)]
+    all_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(all_scores, scores.contiguous(), group=group)
+    dist.all_gather(all_ids, ids.contiguous(), group=group)
+    best, pick = torch.cat(all_scores, dim=-1).topk(k, dim=-1)
+    best_ids = torch.cat(all_ids, dim=-1).gather(-1, pick)
+    return best, best_ids.masked_fill(best == float("-inf"), -1)
+
+
+def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce a tensor in which one rank holds each element and the others zeros (exact in fp32)."""
+    wide = x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+    wide = wide.clone()
+    dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=group)
+    return wide.to(x.dtype)
