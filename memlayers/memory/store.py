@@ -158,31 +158,27 @@ class KNNMemory(nn.Module, MemoryModule):
         self.heads, self.dim, self.value_dim = heads, dim, value_dim
         self.index, self.backend, self.metric, self.validate = index, backend, metric, validate
         self.index_options = check_index_options(index, index_options, capacity)
+        if process_group is not None and index != "exact":
+            raise ValueError(f"process_group shards the exact index only, got index={index!r}")
         self.process_group = process_group
-        if process_group is not None:
-            import torch.distributed as dist
-
-            if index != "exact":
-                raise ValueError(f"process_group shards the exact index only, got index={index!r}")
-            Stripe(dist.get_rank(process_group), dist.get_world_size(process_group), capacity)  # checks capacity
         self._lock = threading.RLock()
         self._allocate(batch_size, capacity, device, dtype)
 
     def _allocate(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
         """(Re)build empty buffers (and FAISS indexes) for ``batch_size`` rows of ``capacity`` slots."""
         B, H = batch_size, self.heads
-        self._stripe = None
-        if self.process_group is not None:
+        stripe = None
+        if self.process_group is not None:  # checks the capacity against the group's size
             import torch.distributed as dist
 
-            self._stripe = Stripe(dist.get_rank(self.process_group), dist.get_world_size(self.process_group), capacity)
-        C = capacity if self._stripe is None else self._stripe.local_capacity  # slots held here
+            stripe = Stripe(dist.get_rank(self.process_group), dist.get_world_size(self.process_group), capacity)
+        C = capacity if stripe is None else stripe.local_capacity  # slots held here
         index_set = None
         if self.index in FAISS_INDEXES:  # built first: bad index_options fail before anything changes
             from .faiss_index import FaissIndexSet
 
             index_set = FaissIndexSet(B, H, self.dim, C, self.metric, self.index, self.index_options, device)
-        self.batch_size, self.capacity = batch_size, capacity
+        self.batch_size, self.capacity, self._stripe = batch_size, capacity, stripe
         self.register_buffer("keys", _key_layout(torch.zeros(B, H, C, self.dim, device=device, dtype=dtype)))
         self.register_buffer("values", torch.zeros(B, H, C, self.value_dim, device=device, dtype=dtype))
         self.register_buffer("positions", torch.full((B, C), -1, device=device, dtype=torch.long))
@@ -245,8 +241,9 @@ class KNNMemory(nn.Module, MemoryModule):
         return total
 
     def extra_repr(self) -> str:
+        shards = "" if self._stripe is None else f", shard={self._stripe.rank} of {self._stripe.world}"
         return (f"batch_size={self.batch_size}, heads={self.heads}, dim={self.dim}, value_dim={self.value_dim}, "
-                f"capacity={self.capacity}, index={self.index!r}, metric={self.metric!r}, backend={self.backend!r}")
+                f"capacity={self.capacity}, index={self.index!r}, metric={self.metric!r}, backend={self.backend!r}{shards}")
 
     # ------------------------------------------------------------------ validation
     def _check_float(self, name: str, x, shape) -> None:
@@ -566,6 +563,8 @@ class KNNMemory(nn.Module, MemoryModule):
 
         The same memory always gives the same bytes; a SHA-256 of the tensors travels in the file and
         ``load`` checks it. See ``memlayers/memory/files.py`` for the format and the temporary file.
+        A sharded memory writes this rank's shard: give each rank a path of its own, and load them
+        together with ``KNNMemory.load_shards``.
         """
         with self._lock:
             tensors = {name: t.detach().cpu().clone() for name, t in self.state_dict().items()}
@@ -579,7 +578,7 @@ class KNNMemory(nn.Module, MemoryModule):
         Raises ``ValueError`` naming the file and what is wrong when it is damaged, not a KNNMemory
         file, or holds an inconsistent state (``FileNotFoundError`` when it does not exist).
         """
-        tensors, config, fmt = files.read(path)
+        tensors, config, _ = files.read(path)
         try:
             config = upgrade_config(config)
             config["dtype"] = getattr(torch, config["dtype"])
