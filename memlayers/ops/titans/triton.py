@@ -61,8 +61,13 @@ def hidden_block(bd: int, bhid: int) -> int:
     return min(bhid, 64 if bd <= 64 else 32 if bd <= 128 else 16)
 
 
-def _warps(*blocks: int) -> int:
-    return 8 if max(blocks) >= 128 else 4
+# Eight warps at every size: the [C, C] gate matrices alone (C = 64, fp32) take ~240 registers
+# per thread with four (measured, sm_90).
+NUM_WARPS = 8
+# No software pipelining: the loops are sequential recurrences, and pipelining their loads would
+# keep num_stages copies of every tile loaded in a loop (the streamed MLP state blocks, the chunk's
+# rows) in shared memory: 160 KB at head dim 64 for the MLP forward with Triton's default of 3.
+NUM_STAGES = 1
 
 
 def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -113,7 +118,7 @@ def _launch_args(g: _Geometry, depth, theta, alpha, eta, has_momentum, bias, p, 
         sizes = dict(D=g.DK, DH=g.DH, BD=g.BK, BHB=g.BHB)
     flags = dict(
         sizes, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], MM=mm_dtype, PREC=prec,
-        num_warps=_warps(g.BK, g.BV),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return gates, (g.T, g.NC, g.R, p, delta, eps), flags
 
