@@ -181,8 +181,9 @@ class FaissIndexSet:
                 if counts[b] == 0:
                     continue
                 if self._needs_training(index):  # IVF still gathering its training set: exact search
-                    s, i = knn_search_naive(q_all[b : b + 1, h : h + 1], keys_buf[b : b + 1, h : h + 1], k,
-                                            valid_lengths=count[b : b + 1], metric=self.metric)
+                    # Slots 0..count-1 hold the row's keys until it has trained: scan those only.
+                    s, i = knn_search_naive(q_all[b : b + 1, h : h + 1], keys_buf[b : b + 1, h : h + 1, : counts[b]], k,
+                                            metric=self.metric)
                     scores[b, h], labels[b, h] = s[0, 0].cpu().numpy(), i[0, 0].cpu().numpy()
                     continue
                 dist, ids = index.search(self._vectors(q_all[b, h]), k, params=self._search_params(k))

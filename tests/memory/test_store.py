@@ -56,6 +56,19 @@ def test_faiss_matches_exact(opts):
         assert torch.equal(a.indices, b.indices)
 
 
+def test_ivf_before_training_searches_exactly(stream):
+    exact = ml.KNNMemory(2, 2, 16, capacity=300, backend="torch")
+    ivf = ml.KNNMemory(2, 2, 16, capacity=300, index="ivf", index_options=dict(nlist=4, train_size=200))
+    torch.manual_seed(3)
+    keys, values = torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    exact.add(keys, values)
+    ivf.add(keys, values)
+    assert not ivf._index.indexes[0][0].is_trained
+    q = torch.randn(2, 4, 5, 16)
+    a, b = exact.search(q, 9), ivf.search(q, 9)
+    assert torch.equal(a.indices, b.indices) and torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_faiss_flat_metrics_match_exact(metric):
     exact = ml.KNNMemory(1, 1, 16, capacity=64, metric=metric, backend="torch")
