@@ -351,3 +351,16 @@ def test_a_killed_saves_partial_file_is_removed_by_the_next_save(stream, tmp_pat
     alive.write_bytes(b"y")
     mem.save(path)
     assert sorted(os.listdir(tmp_path)) == sorted(["mem.safetensors", alive.name])
+
+
+# ---------------------------------------------------------------- class 7: empty inputs
+@pytest.mark.parametrize("opts", INDEXES, ids=INDEX_IDS)
+def test_empty_inputs_give_empty_outputs(stream, opts):
+    mem = ml.KNNMemory(2, 1, 4, 3, capacity=30, **opts)
+    for _ in range(2):  # empty memory, then a filled one
+        res = mem.search(torch.randn(2, 2, 0, 4), k=5)
+        assert res.values.shape == (2, 2, 0, 5, 3) and res.indices.shape == (2, 2, 0, 5)
+        before = {n: b.clone() for n, b in mem.named_buffers()}
+        mem.add(torch.randn(2, 1, 0, 4), torch.randn(2, 1, 0, 3))
+        _assert_same(before, {n: b.clone() for n, b in mem.named_buffers()})
+        stream(mem, steps=1, T=25)
