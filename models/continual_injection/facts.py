@@ -5,8 +5,8 @@ Each fact is taught by a statement and some question paraphrases and tested on o
 paraphrases. Every example is ``(prompt, answer)``: the loss and the score cover the answer only.
 
 ``GENERAL_TEXT`` is held-out general prose the model already models (forgetting = its loss going
-up); ``OLD_QUESTIONS`` are general-knowledge questions (forgetting = the ones the base model
-answered right, answered wrong afterwards); ``BACKGROUND_*`` is other general data, the background
+up); ``OLD_QUESTIONS`` are general-knowledge questions in cloze form (forgetting = the ones the
+base model answered right, answered wrong afterwards); ``BACKGROUND_*`` is other general data, the background
 corpus of the TF-IDF slot selection (never evaluated).
 """
 from __future__ import annotations
@@ -86,24 +86,26 @@ def _qa(pairs) -> List[Tuple[str, str]]:
     return [(QA.format(question=q), " " + a) for q, a in pairs]
 
 
-OLD_QUESTIONS = _qa([
-    ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
-    ("What is the capital of Italy?", "Rome"), ("What is the capital of Germany?", "Berlin"),
-    ("What is the capital of Spain?", "Madrid"), ("What is the capital of England?", "London"),
-    ("What is the capital of Russia?", "Moscow"), ("What is the capital of Egypt?", "Cairo"),
-    ("What is the capital of Canada?", "Ottawa"), ("What is the capital of China?", "Beijing"),
-    ("What color is the sky on a clear day?", "blue"), ("What color is grass?", "green"),
-    ("What color is snow?", "white"), ("What color are ripe bananas?", "yellow"),
-    ("What color is blood?", "red"), ("What is frozen water called?", "ice"),
-    ("How many legs does a spider have?", "eight"), ("How many days are in a week?", "seven"),
-    ("How many legs does a dog have?", "four"), ("What is the opposite of hot?", "cold"),
-    ("What is the opposite of up?", "down"), ("What animal says meow?", "cat"),
-    ("What animal barks?", "dog"), ("Which planet do we live on?", "Earth"),
-    ("What is the largest ocean on Earth?", "the Pacific Ocean"), ("Who wrote Romeo and Juliet?", "William Shakespeare"),
-    ("What gas do plants absorb from the air?", "carbon dioxide"), ("What is the boiling point of water in Celsius?", "100 degrees"),
-    ("What do bees make?", "honey"), ("What is the closest star to Earth?", "the Sun"),
-    ("What language is spoken in Brazil?", "Portuguese"), ("What is the chemical symbol for gold?", "Au"),
-])
+# Cloze form: a small instruct model answers "Q: ...? A:" with a sentence ("The capital of ..."),
+# so exact-match scoring of the first answer tokens asks for the completion itself.
+OLD_QUESTIONS = [(p, " " + a) for p, a in [
+    ("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo"),
+    ("The capital of Italy is", "Rome"), ("The capital of Germany is", "Berlin"),
+    ("The capital of Spain is", "Madrid"), ("The capital of England is", "London"),
+    ("The capital of Russia is", "Moscow"), ("The capital of Egypt is", "Cairo"),
+    ("The capital of Canada is", "Ottawa"), ("The capital of China is", "Beijing"),
+    ("On a clear day the color of the sky is", "blue"), ("The color of fresh grass is", "green"),
+    ("The color of fresh snow is", "white"), ("Ripe bananas are", "yellow"),
+    ("Frozen water is called", "ice"), ("A spider has eight", "legs"),
+    ("There are seven days in a", "week"), ("The opposite of hot is", "cold"),
+    ("The opposite of up is", "down"), ("The animal that says meow is the", "cat"),
+    ("The planet we live on is called", "Earth"), ("The largest ocean on Earth is the", "Pacific"),
+    ("Romeo and Juliet was written by William", "Shakespeare"), ("Bees make", "honey"),
+    ("The language spoken in Brazil is", "Portuguese"), ("Water boils at 100 degrees", "Celsius"),
+    ("The first man to walk on the Moon was Neil", "Armstrong"), ("The Statue of Liberty is in New", "York"),
+    ("Albert Einstein developed the theory of", "relativity"), ("The tallest animal in the world is the", "giraffe"),
+    ("The Great Wall is in", "China"), ("The chemical symbol for water is", "H"),
+]]
 
 GENERAL_TEXT = (
     "The river begins high in the mountains, where melting snow gathers into small streams that run "

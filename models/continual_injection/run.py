@@ -48,10 +48,11 @@ from memlayers.hf.pkm_branch import PKMConfig, attach_pkm, detach_pkm  # noqa: E
 METHODS = ("sparse_memory", "dense_memory", "lora", "full")
 
 SCALES = {
-    # 2 CPU cores: minutes. Memory on two middle layers, 128^2 = 16384 slots each.
-    "reduced": dict(facts=12, batches=3, train_questions=2, heldout_questions=2, steps=16, batch_size=12,
+    # 2 CPU cores: 6 facts in 2 batches, 10 full-batch steps each; memory on two middle layers,
+    # 128^2 = 16384 slots each.
+    "reduced": dict(facts=6, batches=2, train_questions=2, heldout_questions=2, steps=10, batch_size=9,
                     pkm_layers=[12, 18], num_keys=128, top_k=16, heads=4, slots_per_fact=64, lora_rank=8,
-                    lrs={"sparse_memory": [0.1, 0.3], "dense_memory": [0.01, 0.03], "lora": [1e-3, 3e-3],
+                    lrs={"sparse_memory": [0.1, 0.3], "dense_memory": [0.03, 0.1], "lora": [3e-3, 1e-2],
                          "full": [3e-5, 1e-4]}),
     # One GPU: 200 facts in 5 batches, 512^2 = 262144 slots per memory.
     "full": dict(facts=200, batches=5, train_questions=3, heldout_questions=2, steps=120, batch_size=32,
@@ -239,11 +240,14 @@ class Experiment:
 
     @torch.no_grad()
     def measure(self, upto: int) -> Dict:
-        """Held-out accuracy per fact batch (the first ``upto``), old-question accuracy, general-text loss."""
+        """Per fact batch (the first ``upto``): accuracy on held-out and on trained prompts; old-question
+        accuracy; general-text loss."""
         self.model.eval()
         heldout = [float(answer_scores(self.model, h)[1].mean()) for h in self.heldout[:upto]]
+        trained = [float(answer_scores(self.model, t)[1].mean()) for t in self.train[:upto]]
         return {
             "heldout_acc": heldout,
+            "train_acc": trained,
             "old_acc": float(answer_scores(self.model, self.old)[1].mean()),
             "general_nll": text_nll(self.model, self.tok, GENERAL_TEXT, self.device),
         }
@@ -468,16 +472,25 @@ def run_experiment(model, tok, cfg: Dict, scale: str, device, out: Path, seed: i
     t0 = time.perf_counter() if t0 is None else t0
     exp = Experiment(model, tok, cfg, device, seed=seed)
     print(f"base: {exp.base}", flush=True)
-    sweep = {}
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{scale}.partial.json"  # every finished injection, for long runs that get cut short
+    sweep, runs = {}, {}
+
+    def save_partial():
+        partial.write_text(json.dumps({"scale": scale, "config": cfg, "base": exp.base, "sweep": sweep, "runs": runs}) + "\n")
+
     for name in METHODS:
-        sweep[name] = [exp.inject(name, lr, batches=1) for lr in cfg["lrs"][name]]
-        for r in sweep[name]:
+        sweep[name] = []
+        for lr in cfg["lrs"][name]:
+            sweep[name].append(exp.inject(name, lr, batches=1))
+            r = sweep[name][-1]
             print(f"sweep {name} lr={r['lr']:g}: {summarize(r, exp.base)} ({r['seconds']} s)", flush=True)
-    runs = {}
+            save_partial()
     for name in METHODS:
         lr = choose(sweep[name], exp.base)["lr"]
         runs[name] = exp.inject(name, lr, batches=len(exp.fact_batches), unlearn=name == "sparse_memory")
         print(f"run {name} lr={lr:g}: {summarize(runs[name], exp.base)} ({runs[name]['seconds']} s)", flush=True)
+        save_partial()
     summary = {name: summarize(runs[name], exp.base) for name in METHODS}
     result = {
         "scale": scale, "config": {k: v for k, v in cfg.items()}, "seed": seed, "machine": machine(device),
@@ -487,7 +500,7 @@ def run_experiment(model, tok, cfg: Dict, scale: str, device, out: Path, seed: i
         "runs": runs, "summary": summary, "target": target_check(summary),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink()
     (out / f"{scale}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{scale}.md").write_text(markdown(result))
     plot(result, out / f"{scale}_retention.png")
