@@ -4,6 +4,12 @@ Kernels live in ``triton_linear.py`` (memory matrix per head) and ``triton_mlp.p
 ``x + silu(x W1) W2`` per head); the gate and bias helpers they share in ``triton_common.py``.
 Imported lazily by ``memlayers.ops.titans`` (triton reads TRITON_INTERPRET at decoration time).
 
+Fit: the linear memory runs a grid of (batch * head, value blocks), each program holding a
+``[Dk, BV]`` block of the state (``value_block``); the MLP memory one program per (batch, head)
+streaming its state through global memory in hidden blocks (``hidden_block``). Neither holds a
+whole state matrix on chip, so shared memory stays within an H100/H200 or A100 block at head dims
+up to 256 and MLP hidden sizes up to 4x that (compiled and measured by tests/ops/test_titans_fit.py).
+
 Memory use: the forward keeps the memory state every ``R = ceil(sqrt(#chunks))`` chunks, and the
 backward one segment of ``R`` states at a time per (batch, head), so per-chunk copies of the
 weights are never held for the whole sequence (O(sqrt(T / chunk)) states instead of O(T / chunk)).
@@ -160,9 +166,11 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     ckw, cks = ckpt
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # Kernels index rows contiguously: gradients must not inherit a transposed layout from q, k, v.
-    # Gradients that sum over the linear memory's value blocks are written per block (fp32) and summed here.
+    # dq, dk sum over the linear memory's value blocks (fp32 atomics); gate gradients are written
+    # per value block and summed here.
     nv = g.NV if depth == 1 else 1
-    dqp, dkp = (torch.empty(nv, *t.shape, dtype=t.dtype if nv == 1 else torch.float32, device=dev) for t in (q, k))
+    dqp, dkp = (torch.empty(t.shape, dtype=t.dtype, device=dev) if nv == 1
+                else torch.zeros(t.shape, dtype=torch.float32, device=dev) for t in (q, k))
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     dth = torch.empty(nv, g.B, g.H, g.T, dtype=torch.float32, device=dev)
     dal = torch.empty_like(dth) if alpha is not None else dth
@@ -188,7 +196,7 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
         titans_mlp_bwd_kernel[(g.BH,)](
             *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dw0, *ds0, *grads, *scalars, **flags,
         )
-    dq, dk = (t[0] if nv == 1 else t.sum(0).to(x.dtype) for t, x in ((dqp, q), (dkp, k)))
+    dq, dk = dqp.to(q.dtype), dkp.to(k.dtype)
     dth, dal, det = (t[0] if nv == 1 else t.sum(0) for t in (dth, dal, det))
     return (dq, dk, dv, dth, dal if alpha is not None else None, det if has_momentum else None,
             tuple(dw0), tuple(ds0) if has_momentum else None)

@@ -65,6 +65,13 @@ def _store_rows(P, x, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl
 
 
 @triton.jit
+def _add_rows(P, x, base, t0, T, c0, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+    """Atomically add ``x`` to the rows of ``P`` (fp32) that ``_store_rows`` would write."""
+    ptrs, m = _row_block(P, base, t0, T, c0, D, BD, BC)
+    tl.atomic_add(ptrs, x, mask=m)
+
+
+@triton.jit
 def _mat_ptrs(P, idx, r0, c0, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr):
     """Pointers and mask of the block at row ``r0``, column ``c0`` of matrix ``idx`` in a stack of
     ``[R, C]`` row-major matrices."""
@@ -88,7 +95,8 @@ def _store_mat(P, idx, r0, c0, x, R: tl.constexpr, C: tl.constexpr, BR: tl.const
 @triton.jit
 def _load_state(PW, PS, idx, r0, c0, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                 BR: tl.constexpr, BCOL: tl.constexpr):
-    """One layer's state block ``(W, S)`` at ``(r0, c0)`` of matrix ``idx`` of ``PW``, ``PS`` (``S`` is 0 without momentum)."""
+    """One layer's state block ``(W, S)`` at ``(r0, c0)`` of matrix ``idx`` of ``PW``, ``PS``
+    (``S`` is 0 without momentum)."""
     W = _load_mat(PW, idx, r0, c0, R, C, BR, BCOL)
     if MOMENTUM:
         S = _load_mat(PS, idx, r0, c0, R, C, BR, BCOL)
@@ -100,7 +108,8 @@ def _load_state(PW, PS, idx, r0, c0, MOMENTUM: tl.constexpr, R: tl.constexpr, C:
 @triton.jit
 def _store_state(PW, PS, idx, r0, c0, W, S, MOMENTUM: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                  BR: tl.constexpr, BCOL: tl.constexpr):
-    """Store one layer's state block ``(W, S)`` at ``(r0, c0)`` of matrix ``idx`` of ``PW``, ``PS`` (``S`` only with momentum)."""
+    """Store one layer's state block ``(W, S)`` at ``(r0, c0)`` of matrix ``idx`` of ``PW``, ``PS``
+    (``S`` only with momentum)."""
     _store_mat(PW, idx, r0, c0, W, R, C, BR, BCOL)
     if MOMENTUM:
         _store_mat(PS, idx, r0, c0, S, R, C, BR, BCOL)

@@ -16,16 +16,17 @@ column block:
 The forward stores the state every ``R`` chunks (``R ~ sqrt(#chunks)``). The backward walks the
 segments in reverse: it recomputes the segment's chunk-start states into a scratch buffer of ``R``
 states, then back-propagates through its chunks last to first, carrying dW and dS. The gradients
-that sum over value columns (``dq``, ``dk`` and the gates', which are linear in their inputs) are
-written per column block into partial buffers that the host sums; ``dv`` and the state gradients
+that sum over value columns are accumulated across column blocks: ``dq`` and ``dk`` with fp32
+atomic adds (per-block copies would take Dv / BV times their memory), the gates' (linear in their
+inputs, ``[T]`` per block) as per-block partials the host sums; ``dv`` and the state gradients
 are columnwise and written in place.
 """
 import triton
 import triton.language as tl
 
 from .triton_common import (
-    _load_rows, _load_rows_raw, _load_state, _store_rows, _store_state, bias_grad, bias_hess, chunk_gates, gates_bwd, mm, pick,
-    pick_row,
+    _add_rows, _load_rows, _load_rows_raw, _load_state, _store_rows, _store_state, bias_grad, bias_hess, chunk_gates, gates_bwd,
+    mm, pick, pick_row,
 )
 
 
@@ -85,12 +86,14 @@ def _linear_chunk_bwd(
     W, S, dW, dS, tbase, pbase, t0, T, v0, p, delta, eps,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Gradients of one chunk's column block given its start state (W, S) and the gradients (dW, dS)
     of its end state.
 
-    Stores dv's block, this block's partial dq, dk (rows ``pbase + t``) and partial gate gradients;
-    returns the gradients of (W, S).
+    Stores dv's block, adds this block's share of dq, dk (``SPLIT``: several value blocks, fp32
+    atomics; else plain stores), stores its partial gate gradients (rows ``pbase + t``); returns
+    the gradients of (W, S).
     """
     th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
     q = _load_rows_raw(Q, tbase, t0, T, 0, DK, BK, BC)
@@ -137,8 +140,12 @@ def _linear_chunk_bwd(
     dr = de * bias_hess(r, BIAS, p, delta, eps)
     dk += mm(dr, tl.trans(W), MM, PREC)
     dW0 += mm(tl.trans(k), dr, MM, PREC)
-    _store_rows(DQP, dq, pbase, t0, T, 0, DK, BK, BC)
-    _store_rows(DKP, dk, pbase, t0, T, 0, DK, BK, BC)
+    if SPLIT:
+        _add_rows(DQP, dq, tbase, t0, T, 0, DK, BK, BC)
+        _add_rows(DKP, dk, tbase, t0, T, 0, DK, BK, BC)
+    else:
+        _store_rows(DQP, dq, tbase, t0, T, 0, DK, BK, BC)
+        _store_rows(DKP, dk, tbase, t0, T, 0, DK, BK, BC)
     _store_rows(DV_, -dr, tbase, t0, T, v0, DV, BV, BC)
     gates_bwd(
         dct, dw_end, ds_end, dA, dd, db_end, th, la, lb, LA, LB, c, Bv, is_last,
@@ -183,7 +190,7 @@ def titans_linear_bwd_kernel(
             dW, dS = _linear_chunk_bwd(
                 Q, K, V, TH, AL, ET, DY, DQP, DKP, DV_, DTH, DAL, DET,
                 W, S, dW, dS, bh * T, pbase, (seg * R + r) * BC, T, v0, p, delta, eps,
-                DK, DV, BK, BV, BC, MOMENTUM, FORGET, BIAS, MM, PREC,
+                DK, DV, BK, BV, BC, MOMENTUM, FORGET, BIAS, MM, PREC, tl.num_programs(1) > 1,
             )
         tl.debug_barrier()
     _store_state(DW0, DS0, bh, 0, v0, dW, dS, MOMENTUM, DK, DV, BK, BV)
