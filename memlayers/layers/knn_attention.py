@@ -292,7 +292,7 @@ class KNNMemoryAttention(nn.Module, MemoryModule):
                                        backend=self.backend)
         else:
             out, lse = self._sdpa(q_rot, local_k, local_v, prefix_valid), None
-        if T and int(mem.count.max()) > 0:
+        if T and mem.filled > 0:  # host-side: no device read to learn whether anything is stored
             mem_out, mem_lse = read_memory(
                 mem, q, q_rot, top_k=self.top_k, scale=self.scale, position=self.position, rope=self.rope,
                 fixed_distance=self.fixed_distance, backend=self.backend,
