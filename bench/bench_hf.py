@@ -1,17 +1,15 @@
-"""HuggingFace integration: prefill and decode tokens/s with kNN memory attached vs. without.
+"""HuggingFace integration: what memory costs on a model, side by side with the same model without it.
 
-``python bench/run.py --op hf`` (``--quick``: the tiny model only).
+``python bench/run.py --op hf`` (``--quick``: short inputs). Rows:
 
-GPU: a Llama-shaped model of about 1B parameters (hidden 2048, 16 layers, 32 query / 8 kv heads,
-MLP 8192, vocab 32000; random weights, bf16) with kNN memory at 4 layers holding 64K or 256K
-tokens, against the same model without memory at its native 4K context. CPU: a tiny model with
-small memories (and says so in the rows).
+- ``memorize``: ``ml.memorize`` over N tokens in 512-token chunks with the library's default
+  ``KNNMemoryConfig``, against a plain forward of the decoder over the very same chunks (no cache,
+  no memory): ``vs_plain`` is memorize throughput / plain throughput (issue 12's target: >= 0.5).
+- ``decode``: greedy single-token steps after a 512-token prompt, with those N tokens memorized
+  against none: ``vs_plain`` is ms/token with memory / without (target: <= 1.5 at N = 16K).
 
-The stores are filled directly with random keys/values (``KNNMemory.add``) instead of by
-``memorize``: retrieval cost depends on how many memories there are, not on what they say.
-Prefill is one forward over the prompt (timed by ``common.measure``); decode is a greedy loop of
-single-token forwards over a growing KV cache, timed as a whole (CUDA-synchronized wall clock: each
-step depends on the last, so it cannot be re-run in isolation).
+CPU: the embedded SmolLM2-135M-Instruct (``load_pretrained("smollm2")``, fp32), N = 16384. GPU: the
+same model in bf16, N = 65536. Only public APIs: the memories are filled by ``memorize`` itself.
 """
 from __future__ import annotations
 
@@ -20,42 +18,10 @@ from typing import Dict, List
 
 import torch
 
-from common import bench_device, measure
+from common import bench_device
 
-GPU_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=32000)
-CPU_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256)
-MEMORY_LAYERS = [3, 7, 11, 15]
-
-
-def _model(shape: Dict[str, int], device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**shape, max_position_embeddings=1 << 20, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
-
-
-@torch.no_grad()
-def _fill_memories(model, tokens: int, block: int = 8192) -> None:
-    """Give every attached store ``tokens`` random memories at positions ``0..tokens-1``."""
-    from memlayers.models.state import get_state
-
-    state = get_state(model)
-    p = next(model.parameters())
-    for w in state.wrappers("knn"):
-        w.ensure_memory(1, p.device, p.dtype)
-        mem = w.memory
-        for start in range(0, tokens, block):
-            n = min(block, tokens - start)
-            keys = torch.randn(1, mem.heads, n, mem.dim, device=p.device, dtype=p.dtype)
-            mem.add(keys, torch.randn_like(keys))
-    state.positions.resize(1)
-    state.positions.offset.fill_(tokens)
-    state.sync_offsets()
+CHUNK = 512
+PROMPT = 512
 
 
 def _sync(device: torch.device) -> None:
@@ -63,55 +29,69 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def _run(model, prompt_len: int, decode_steps: int, device: torch.device) -> Dict[str, float]:
-    from transformers import DynamicCache
+def _clock(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
-    vocab = model.config.vocab_size
-    prompt = torch.randint(1, vocab, (1, prompt_len), device=device)
-    prefill = measure(lambda: model(prompt, use_cache=False), device, rep_ms=500.0)
+
+@torch.no_grad()
+def _plain_chunks(model, ids: torch.Tensor) -> None:
+    for start in range(0, ids.shape[1], CHUNK):
+        model.model(input_ids=ids[:, start:start + CHUNK], use_cache=False)
+
+
+@torch.no_grad()
+def _decode_ms(model, prompt: torch.Tensor, steps: int, device: torch.device) -> float:
+    from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     token = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    for _ in range(2):  # warm the decode path (allocator, kernels) before timing
+    for _ in range(2):  # warm the decode path before timing
         token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(decode_steps):
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    _sync(device)
-    decode_s = time.perf_counter() - t0
-    return {"prefill_ms": prefill["ms"], "prefill_tok_s": prompt_len / (prefill["ms"] / 1000.0),
-            "decode_ms_per_token": decode_s / decode_steps * 1000.0, "decode_tok_s": decode_steps / decode_s}
+
+    def loop():
+        nonlocal token
+        for _ in range(steps):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    return _clock(loop, device) / steps * 1000.0
 
 
 def table(quick: bool):
-    import memlayers.models as mm
+    import memlayers as ml
+    from memlayers.hf.pretrained import load_pretrained
 
     device = bench_device()
-    gpu = device.type == "cuda"
-    if gpu and not quick:
-        shape, dtype, prompt_len, decode_steps, memories = GPU_SHAPE, torch.bfloat16, 4096, 64, [65536, 262144]
-        layers = MEMORY_LAYERS
-    else:
-        shape, dtype, prompt_len, decode_steps, memories = CPU_SHAPE, torch.float32, 128, 16, [1024, 4096]
-        layers = [0, 1, 2, 3]
-    model = _model(shape, device, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    label = f"llama-{params / 1e9:.2f}B" if params > 1e8 else f"llama-tiny-{params / 1e3:.0f}K"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = 1024 if quick else (65536 if device.type == "cuda" else 16384)
+    steps = 8 if quick else 32
+    model, _ = load_pretrained("smollm2", dtype=dtype, device=device, cache=False)
+    config = ml.KNNMemoryConfig()
+    label = f"SmolLM2-135M {str(dtype).replace('torch.', '')}"
+    common = {"model": label, "device": device.type, "chunk": CHUNK, "top_k": config.top_k,
+              "layers": "all" if config.layers is None else str(config.layers), "position": config.position}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g).to(device)
+    prompt = torch.randint(3, model.config.vocab_size, (1, PROMPT), generator=g).to(device)
     rows: List[Dict[str, object]] = []
-    base = _run(model, prompt_len, decode_steps, device)
-    rows.append({"model": label, "device": device.type, "memory_tokens": 0, "memory_layers": 0,
-                 "context": prompt_len, **base, "decode_vs_base": 1.0})
-    for tokens in memories:
-        mm.attach(model, mm.KNNMemoryConfig(layers=layers, top_k=32, capacity=tokens))
-        _fill_memories(model, tokens)
-        r = _run(model, prompt_len, decode_steps, device)
-        rows.append({"model": label, "device": device.type, "memory_tokens": tokens, "memory_layers": len(layers),
-                     "context": prompt_len, **r, "decode_vs_base": r["decode_tok_s"] / base["decode_tok_s"]})
-        mm.detach(model)
-        if gpu:
-            torch.cuda.empty_cache()
-    columns = ["model", "device", "memory_tokens", "memory_layers", "context", "prefill_tok_s", "decode_tok_s",
-               "decode_ms_per_token", "decode_vs_base"]
+
+    _plain_chunks(model, ids[:, :CHUNK])  # warm
+    plain_s = _clock(lambda: _plain_chunks(model, ids), device)
+    base_ms = _decode_ms(model, prompt, steps, device)
+
+    ml.attach(model, config)
+    memorize_s = _clock(lambda: ml.memorize(model, ids, chunk_size=CHUNK, progress=False), device)
+    memory_ms = _decode_ms(model, prompt, steps, device)
+    ml.detach(model)
+
+    rows.append({**common, "row": "memorize", "tokens": tokens,
+                 "plain_tok_s": tokens / plain_s, "memory_tok_s": tokens / memorize_s,
+                 "plain_s": plain_s, "memory_s": memorize_s, "vs_plain": plain_s / memorize_s, "target": ">= 0.5"})
+    rows.append({**common, "row": "decode", "tokens": tokens, "plain_ms_per_token": base_ms,
+                 "memory_ms_per_token": memory_ms, "vs_plain": memory_ms / base_ms, "target": "<= 1.5"})
+    columns = ["model", "device", "row", "tokens", "layers", "top_k", "plain_tok_s", "memory_tok_s",
+               "plain_ms_per_token", "memory_ms_per_token", "vs_plain", "target"]
     return rows, columns
