@@ -67,12 +67,40 @@ def read_memory(
     Returns:
         ``(out [B, Hq, T, D], lse [B, Hq, T])``; a query with no memory gets ``lse = -inf``.
     """
-    res = memory.search(q.detach().to(memory.dtype), top_k, gather=False)
+    sharded = memory.process_group is not None
+    # A sharded memory's slot ids are global: its winners come back gathered instead.
+    res = memory.search(q.detach().to(memory.dtype), top_k, gather=sharded)
     indices = res.indices
     if xl_start is not None:
         in_xl = (res.positions >= xl_start[:, None, None, None]) & xl_valid[:, None, None, None]
         indices = indices.masked_fill(in_xl, -1)
-    keys, values, positions = memory.keys, memory.values, memory.positions
+    if sharded:
+        B, Hq, T = q.shape[:3]
+        out, lse = _attend_memories(
+            q.reshape(B * Hq, 1, T, -1), q_rot.reshape(B * Hq, 1, T, -1), *_per_query_memory(res, indices),
+            memory_dtype=memory.dtype, scale=scale, position=position, rope=rope, fixed_distance=fixed_distance,
+            backend=backend, max_position=max_position)
+        return out.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
+    return _attend_memories(q, q_rot, memory.keys, memory.values, memory.positions, indices,
+                                 memory_dtype=memory.dtype, scale=scale, position=position, rope=rope,
+                                 fixed_distance=fixed_distance, backend=backend, max_position=max_position)
+
+
+def _per_query_memory(res, indices: torch.Tensor):
+    """The gathered winners ``res.keys/values [B, Hq, T, k, D]`` as one memory of ``T * k`` slots per
+    (row, query head): ``(keys [B*Hq, 1, T*k, D], values, positions [B*Hq, T*k], indices [B*Hq, 1, T, k])``."""
+    B, Hq, T, k = indices.shape
+    keys = res.keys.reshape(B * Hq, 1, T * k, -1)
+    values = res.values.reshape(B * Hq, 1, T * k, -1)
+    positions = res.positions.reshape(B * Hq, T * k)
+    slots = torch.arange(T * k, device=indices.device).view(1, 1, T, k).expand(B * Hq, 1, T, k)
+    return keys, values, positions, slots.masked_fill(indices.reshape(B * Hq, 1, T, k) < 0, -1)
+
+
+def _attend_memories(q, q_rot, keys, values, positions, indices, *, memory_dtype, scale, position, rope,
+                          fixed_distance, backend, max_position):
+    """Attention of ``q [B, Hq, T, D]`` over the memories ``indices`` names in ``keys/values [B, Hkv, M, D]``
+    (absolute ``positions [B, M]``), under the position policy (``read_memory``'s arguments)."""
     if torch.is_grad_enabled() and (q.requires_grad or q_rot.requires_grad):
         # The op keeps the buffers for backward, and the next write changes them in place: read a
         # snapshot so that backward sees what forward saw (issue 13).
@@ -87,7 +115,7 @@ def read_memory(
         cos, sin = rope.get(max_position, q.device)
         q_mem = q_rot
         kwargs = dict(mem_positions=positions, rotary_cos=cos, rotary_sin=sin)
-    return memory_attention(q_mem.to(memory.dtype), keys, values, indices, scale=scale, backend=backend, **kwargs)
+    return memory_attention(q_mem.to(memory_dtype), keys, values, indices, scale=scale, backend=backend, **kwargs)
 
 
 def combine_memory(
