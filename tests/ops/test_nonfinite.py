@@ -109,3 +109,21 @@ def test_dkvb_infinite_keys_are_no_match(backend):
     keys[0, :, 0] = float("inf")   # every key of the only codebook
     out, idx = dkvb_lookup(q, keys, values, 1, backend=backend)
     assert bool((idx == -1).all()) and bool(out.isnan().all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_attention_nan_query_is_nan_in_its_own_row_only(backend):
+    """A NaN query row gets NaN out and NaN lse (not lse = -inf, which would claim "no memory" and
+    let merge_attention drop it silently); every other row is unchanged."""
+    from memlayers.ops import memory_attention
+
+    q, mk, mv = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 6)
+    idx = torch.randint(0, 10, (1, 2, 4, 3))
+    clean_out, clean_lse = memory_attention(q, mk, mv, idx, backend=backend)
+    q[0, 1, 2, 5] = float("nan")
+    out, lse = memory_attention(q, mk, mv, idx, backend=backend)
+    assert bool(out[0, 1, 2].isnan().all()) and bool(lse[0, 1, 2].isnan())
+    keep = torch.ones(1, 2, 4, dtype=torch.bool)
+    keep[0, 1, 2] = False
+    torch.testing.assert_close(out[keep], clean_out[keep])
+    torch.testing.assert_close(lse[keep], clean_lse[keep])

@@ -66,7 +66,8 @@ def memory_attention_naive(
     l = p.sum(dim=-1)
     tiny = torch.finfo(torch.float32).tiny
     out = torch.einsum("bhtk,bhtkd->bhtd", p, values) / l.clamp_min(tiny)[..., None]
-    lse = torch.where(l > 0, m + torch.log(l.clamp_min(tiny)), torch.full_like(l, float("-inf")))
+    # l == 0: no valid memory (lse -inf); a NaN score (NaN query) leaves NaN in out and lse alike.
+    lse = torch.where(l == 0, torch.full_like(l, float("-inf")), m + torch.log(l.clamp_min(tiny)))
     return out.to(q.dtype), lse
 
 

@@ -142,9 +142,10 @@ def memory_attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
         m_i = m_new
 
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    # l == 0: no valid slot (out 0, lse -inf). A NaN score (NaN query) makes l NaN: NaN out and lse, as in naive.py.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_dv[None, :],
              out.to(OUT.dtype.element_ty), mask=tmask[:, None] & dvmask[None, :])
     tl.store(LSE + (b * Hq + h) * T + offs_t, lse, mask=tmask)
