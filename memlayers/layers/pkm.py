@@ -7,6 +7,9 @@ rows, summed over heads: a fused weighted embedding bag, whose backward touches 
 
 Memory+ switches: ``shared_values`` (one value table for several memory layers), ``gated`` (SiLU
 gate from the input, then an output projection), ``qk_norm`` (unit-norm queries and half-keys).
+
+``process_group`` shards the value table by embedding columns over the group's ranks, which run data
+parallel (``memlayers/distributed/columns.py``): outputs and gradients equal the unsharded layer's.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed.columns import column_range, sharded_bag
 from ..ops.embedding_bag import weighted_embedding_bag
 from .learned_memory import LearnedMemory
 from .names import renamed, warn_renamed
@@ -39,6 +43,15 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
         qk_norm: L2-normalize queries and half-keys before scoring (Memory+).
         out_proj: project the read to ``dim``; defaults to True when gated or ``value_dim != dim``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the weighted gather.
+        process_group: a ``torch.distributed`` group to shard the value table over, by embedding
+            columns: rank r holds ``values [n * n, w_r]``, its columns ``value_columns`` of the table
+            (the first ``value_dim % W`` ranks one column more). The ranks run data parallel, each on
+            its own tokens (every rank must call forward and backward together); each gets exactly
+            the unsharded layer's output for its tokens, and the shard's gradient is the group's
+            average, as DDP/FSDP average the replicated parameters (``query``, ``keys``, ...). The
+            shard is per rank: ``memlayers.distributed.prepare_ddp`` keeps DDP off it, and
+            ``memlayers.distributed.state_dict`` checkpoints it per rank. ``load_state_dict`` takes
+            this rank's shard or the whole ``[n * n, value_dim]`` table (it keeps its own columns).
 
     Example:
         >>> import torch, memlayers as ml
@@ -61,6 +74,7 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
         out_proj: Optional[bool] = None,
         backend: str = "auto",
         topk: Optional[int] = None,
+        process_group=None,
     ):
         super().__init__()
         top_k = renamed(type(self).__name__, "topk", topk, "top_k", top_k, 32)
@@ -78,18 +92,29 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
         self.dim, self.heads, self.num_keys, self.top_k = dim, heads, num_keys, top_k
         self.value_dim, self.key_dim, self.gated, self.qk_norm, self.backend = value_dim, key_dim, gated, qk_norm, backend
         self.num_values = num_keys * num_keys
+        self.process_group = process_group
+        if process_group is None:
+            self.value_columns = (0, value_dim)
+        else:  # checks value_dim against the group's size
+            import torch.distributed as dist
+
+            self.value_columns = column_range(value_dim, dist.get_world_size(process_group), dist.get_rank(process_group))
+        columns = self.value_columns[1] - self.value_columns[0]
 
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
         half = key_dim // 2
         # keys[h, side, i]: half-key i of side 0 (first query half) or 1 (second half) for head h.
         self.keys = nn.Parameter(torch.empty(heads, 2, num_keys, half).uniform_(-1 / math.sqrt(half), 1 / math.sqrt(half)))
         if shared_values is None:
-            self.values = nn.Parameter(torch.randn(self.num_values, value_dim) / math.sqrt(value_dim))
+            self.values = nn.Parameter(_draw_columns(self.num_values, value_dim, self.value_columns))
         else:
             shared = shared_values.values if isinstance(shared_values, ProductKeyMemory) else shared_values
             if not isinstance(shared, nn.Parameter):
                 raise TypeError(f"shared_values must be an nn.Parameter or a ProductKeyMemory, got {type(shared_values).__name__}")
-            check_tensor("shared_values", shared, shape=(self.num_values, value_dim), dtypes=FLOAT_DTYPES)
+            if isinstance(shared_values, ProductKeyMemory) and shared_values.process_group is not process_group:
+                raise ValueError("shared_values must be sharded over the same process_group as this layer "
+                                 f"(it has {shared_values.process_group!r}, this layer {process_group!r})")
+            check_tensor("shared_values", shared, shape=(self.num_values, columns), dtypes=FLOAT_DTYPES)
             self.values = shared  # the same Parameter object: model.parameters() lists it once
         self.gate = nn.Linear(dim, value_dim, bias=False) if gated else None
         if out_proj is None:
@@ -122,16 +147,29 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
         flat = x.reshape(-1, self.dim)
         indices, weights = self.address(flat)
         T = flat.shape[0]
-        read = weighted_embedding_bag(
-            self.values, indices.reshape(T, self.heads * self.top_k),
-            weights.reshape(T, self.heads * self.top_k).to(self.values.dtype),
-            backend=self.backend, check_indices=False,  # built here, always in range
-        )
+        indices = indices.reshape(T, self.heads * self.top_k)
+        weights = weights.reshape(T, self.heads * self.top_k).to(self.values.dtype)
+        if self.process_group is not None:
+            read = sharded_bag(self.values, indices, weights, self.value_dim, self.process_group, self.backend)
+        else:
+            read = weighted_embedding_bag(self.values, indices, weights, backend=self.backend,
+                                          check_indices=False)  # built here, always in range
         if self.gate is not None:
             read = read * F.silu(self.gate(flat)).to(read.dtype)
         if self.out_proj is not None:
             read = self.out_proj(read.to(self.out_proj.weight.dtype))
         return read.reshape(*lead, read.shape[-1])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A sharded layer takes the whole table too, keeping its own columns.
+        full = state_dict.get(prefix + "values")
+        if (self.process_group is not None and isinstance(full, torch.Tensor)
+                and tuple(full.shape) == (self.num_values, self.value_dim) != tuple(self.values.shape)):
+            start, stop = self.value_columns
+            state_dict = {**state_dict, prefix + "values": full[:, start:stop]}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def topk(self) -> int:
@@ -143,7 +181,21 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
         return (
             f"dim={self.dim}, heads={self.heads}, num_keys={self.num_keys} (values {self.num_values}), top_k={self.top_k}, "
             f"value_dim={self.value_dim}, key_dim={self.key_dim}, gated={self.gated}, qk_norm={self.qk_norm}"
+            + ("" if self.process_group is None else f", value_columns={self.value_columns}")
         )
+
+
+def _draw_columns(rows: int, value_dim: int, columns, block: int = 4096) -> torch.Tensor:
+    """``columns`` of a ``[rows, value_dim]`` N(0, 1/value_dim) table, drawn ``block`` rows at a time, so
+    that the ranks of a sharded table hold different columns of one draw without holding all of it."""
+    start, stop = columns
+    if (start, stop) == (0, value_dim):
+        return torch.randn(rows, value_dim) / math.sqrt(value_dim)
+    out = torch.empty(rows, stop - start)
+    for lo in range(0, rows, block):
+        hi = min(rows, lo + block)
+        out[lo:hi] = torch.randn(hi - lo, value_dim)[:, start:stop]
+    return out / math.sqrt(value_dim)
 
 
 __all__ = ["ProductKeyMemory"]
