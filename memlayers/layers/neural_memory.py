@@ -6,24 +6,30 @@ its query. As in the paper, q, k, v are linear projections followed by a short c
 convolution and SiLU, with l2-normalized q and k; the learning rate ``theta``, momentum ``eta`` and
 forgetting ``alpha`` are per-token, per-head sigmoids of the input.
 
-State is explicit and functional (``y, state = mem(x, state)``), so a training step never inherits
-memory from the previous batch by accident. The state holds the memory after the last token, the
-memory at the start of the unfinished chunk with that chunk's pending tokens, and the convolution
-cache: feeding a sequence in pieces of any length (single tokens included) gives exactly the
-outputs of one call.
+``NeuralMemory`` is functional: it returns its output, and, on request, the state after the input
+(``y, state = mem(x, state, return_state=True)``), so a training step never inherits memory from the
+previous batch by accident. The state holds the memory after the last token, the memory at the start
+of the unfinished chunk with that chunk's pending tokens, and the convolution cache: feeding a
+sequence in pieces of any length (single tokens included) gives exactly the outputs of one call.
+
+``StatefulNeuralMemory`` keeps that state per batch row in registered buffers (the memory-state
+protocol of ``memlayers.memory.protocol``): it moves with ``.to()``, saves and loads through
+``state_dict``, and a row reset is a fresh start whatever the row's history was.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from memlayers.ops.titans import BIASES, memory_apply, titans_memory
-from memlayers.ops.utils import FLOAT_DTYPES, check_choice, check_finite, check_positive_int, check_tensor
+from memlayers.memory.protocol import MemoryModule, row_mask
+from memlayers.ops.utils import check_choice, check_finite, check_positive_int, check_tensor
 
 MEMORIES = ("linear", "mlp")
 
@@ -92,8 +98,8 @@ class NeuralMemory(nn.Module):
         >>> import torch, memlayers as ml
         >>> mem = ml.NeuralMemory(dim=64, heads=2, memory="mlp", chunk_size=16)
         >>> x = torch.randn(2, 40, 64)
-        >>> y, state = mem(x)                 # one call
-        >>> y2, state = mem(x[:, :1], state)  # then one more token
+        >>> y, state = mem(x, return_state=True)                 # one call
+        >>> y2, state = mem(x[:, :1], state, return_state=True)  # then one more token
         >>> y.shape, y2.shape
         (torch.Size([2, 40, 64]), torch.Size([2, 1, 64]))
     """
@@ -159,11 +165,12 @@ class NeuralMemory(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     # ----------------------------------------------------------------------------------- helpers
-    def _check_x(self, x, state: Optional[NeuralMemoryState]) -> None:
+    def _check_x(self, x, state: Optional[NeuralMemoryState], finite: bool = True) -> None:
         check_tensor("x", x, ndim=3, dtypes=(self.to_qkv.weight.dtype,), device=self.to_qkv.weight.device)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, T, {self.dim}], got {tuple(x.shape)}")
-        check_finite("x", x)
+        if finite:  # reads the device: only where a non-finite input would poison the learned state
+            check_finite("x", x)
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise TypeError(f"state must be a NeuralMemoryState or None, got {type(state).__name__}")
@@ -218,12 +225,31 @@ class NeuralMemory(nn.Module):
         return self.to_out(y.to(self.to_out.weight.dtype)).to(dtype)
 
     # ----------------------------------------------------------------------------------- public
-    def forward(self, x: torch.Tensor, state: Optional[NeuralMemoryState] = None):
+    def forward(self, x: torch.Tensor, state: Optional[NeuralMemoryState] = None,
+                return_state: Optional[bool] = None):
         """Read ``x [B, T, dim]`` into the memory and retrieve with its queries.
 
-        Returns ``(y [B, T, dim], new_state)``; ``state=None`` starts from the learned initial memory.
-        The given state is never modified.
+        Args:
+            x: ``[B, T, dim]``.
+            state: where to start (None: the learned initial memory); never modified.
+            return_state: also return the state after ``x`` (to continue the sequence later).
+
+        Returns ``y [B, T, dim]``, or ``(y, new_state)`` with ``return_state=True``. Not passing
+        ``return_state`` returns ``(y, new_state)`` with a DeprecationWarning (the calling convention
+        before the rule "a module returns its output; extra information only on request"); from the
+        next release the default is ``False``.
         """
+        if return_state is None:
+            warnings.warn(
+                "NeuralMemory(x, state) returning (y, state) is deprecated: pass return_state=True to keep "
+                "getting the state, or return_state=False for y alone (the default from the next release)",
+                DeprecationWarning, stacklevel=2,
+            )
+            return_state = True
+        y, new_state = self._forward(x, state)
+        return (y, new_state) if return_state else y
+
+    def _forward(self, x: torch.Tensor, state: Optional[NeuralMemoryState]):
         self._check_x(x, state)
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
@@ -269,9 +295,10 @@ class NeuralMemory(nn.Module):
 
         Uses the memory after the state's last token (the initial memory when ``state`` is None)
         and the query projection without the convolution (so no convolution state is consumed).
-        Returns ``[B, T, dim]``.
+        Returns ``[B, T, dim]``. Reads no tensor data on the host (a decode step stays sync-free):
+        a non-finite ``x`` gives a non-finite output and changes nothing.
         """
-        self._check_x(x, state)
+        self._check_x(x, state, finite=False)
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
         inner = self.heads * self.head_dim
@@ -281,4 +308,206 @@ class NeuralMemory(nn.Module):
         return self._output(y, x.dtype)
 
 
-__all__ = ["MEMORIES", "NeuralMemory", "NeuralMemoryState"]
+class StatefulNeuralMemory(nn.Module, MemoryModule):
+    """A ``NeuralMemory`` (``neural_memory``) with its state per batch row in registered buffers.
+
+    ``forward(x)`` reads ``x`` into each row's memory and returns the memory's output, exactly as
+    ``NeuralMemory`` called on the whole history would (pieces of any length); ``forward(x,
+    learn=False)`` retrieves without learning (``NeuralMemory.read``). The state is the memory-state
+    protocol's: buffers (``.to()`` moves them, ``state_dict`` saves and loads them), ``bind_batch``,
+    ``reset_memory(rows)`` (a reset row starts over from the learned initial memory with nothing
+    pending: a fresh start whatever its history length), ``memory_batch_size``.
+
+    Buffers (``B`` rows; none until ``bind_batch`` or the first learning call fixes ``B``):
+    ``weights_<i>``/``momentum_<i>`` (memory after the last token), ``chunk_weights_<i>``/
+    ``chunk_momentum_<i>`` (at the start of the unfinished chunk), ``pending_<k|v|theta|alpha|eta>``
+    (the unfinished chunk's tokens, the first ``pending_len[b]`` of ``chunk_size - 1`` slots valid),
+    ``conv_cache`` and ``seen`` (tokens read per row). Rows may hold unfinished chunks of different
+    lengths (after a reset); a learning call runs once per distinct length.
+
+    Args:
+        neural_memory: the memory whose parameters read and learn.
+
+    Example:
+        >>> import torch, memlayers as ml
+        >>> mem = ml.StatefulNeuralMemory(ml.NeuralMemory(dim=32, heads=2, chunk_size=16))
+        >>> y = mem(torch.randn(2, 20, 32))      # rows 0 and 1 learn 20 tokens
+        >>> mem.reset_memory(rows=[1])           # row 1 starts over
+        >>> mem(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, neural_memory: NeuralMemory):
+        super().__init__()
+        if not isinstance(neural_memory, NeuralMemory):
+            raise TypeError(f"neural_memory must be a NeuralMemory, got {type(neural_memory).__name__}")
+        self.neural_memory = neural_memory
+        for name, t in self._fresh(0).items():
+            self.register_buffer(name, t)
+
+    # ------------------------------------------------------------------ layout
+    def _fresh(self, batch_size: int) -> Dict[str, torch.Tensor]:
+        """Every buffer for ``batch_size`` fresh rows, on the module's device."""
+        m = self.neural_memory
+        B, H, D, n = batch_size, m.heads, m.head_dim, m.chunk_size - 1
+        p = m.to_qkv.weight
+        out = {}
+        for i, w in enumerate(m.init_weights):
+            init = w.detach().float().unsqueeze(0).expand(B, *w.shape)
+            out[f"weights_{i}"] = init.clone()
+            out[f"chunk_weights_{i}"] = init.clone()
+            if m.use_momentum:
+                out[f"momentum_{i}"] = torch.zeros_like(out[f"weights_{i}"])
+                out[f"chunk_momentum_{i}"] = torch.zeros_like(out[f"weights_{i}"])
+        out["pending_k"] = p.new_zeros(B, H, n, D)
+        out["pending_v"] = p.new_zeros(B, H, n, D)
+        for gate, used in (("theta", True), ("alpha", m.use_forget), ("eta", m.use_momentum)):
+            if used:
+                out[f"pending_{gate}"] = torch.zeros(B, H, n, device=p.device)
+        out["pending_len"] = torch.zeros(B, dtype=torch.long, device=p.device)
+        if m.conv is not None:
+            out["conv_cache"] = p.new_zeros(B, 3 * H * D, m.conv_size - 1)
+        out["seen"] = torch.zeros(B, dtype=torch.long, device=p.device)
+        return out
+
+    def _list(self, name: str) -> Optional[Tuple[torch.Tensor, ...]]:
+        if not hasattr(self, f"{name}_0"):
+            return None
+        return tuple(getattr(self, f"{name}_{i}") for i in range(self.neural_memory.depth))
+
+    def _pending(self, gate: str) -> Optional[torch.Tensor]:
+        return getattr(self, f"pending_{gate}", None)
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def memory_batch_size(self) -> Optional[int]:
+        B = self.seen.shape[0]
+        return B or None
+
+    def bind_batch(self, batch_size: int) -> None:
+        """Give the state ``batch_size`` fresh rows (what it held is dropped)."""
+        check_positive_int("batch_size", batch_size)
+        for name, t in self._fresh(batch_size).items():
+            setattr(self, name, t.to(getattr(self, name).dtype))
+
+    @torch.no_grad()
+    def reset_memory(self, rows=None) -> None:
+        """Forget the chosen rows (None: all): each starts over from the learned initial memory, with
+        no unfinished chunk and an empty convolution cache. Other rows are left bit for bit."""
+        B = self.seen.shape[0]
+        mask = row_mask(rows, B, self.seen.device)
+        if B == 0:
+            return
+        fresh = self._fresh(1)
+        for name, t in fresh.items():
+            buf = getattr(self, name)
+            buf[mask] = t.to(buf.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A saved state of another batch size loads: the buffers take its row count first. Checked
+        # before anything changes: a state that does not fit leaves the module as it was.
+        lens = state_dict.get(prefix + "pending_len")
+        if lens is not None and lens.numel() and (int(lens.min()) < 0 or int(lens.max()) >= self.neural_memory.chunk_size):
+            error_msgs.append(f"StatefulNeuralMemory {prefix.rstrip('.')}: pending_len must lie in "
+                              f"0..{self.neural_memory.chunk_size - 1}, got {lens.tolist()}")
+            return
+        seen = state_dict.get(prefix + "seen")
+        if seen is not None and seen.dim() == 1 and seen.shape[0] != self.seen.shape[0]:
+            expected = {name: t.shape for name, t in self._fresh(seen.shape[0]).items()}
+            bad = [n for n, shape in expected.items()
+                   if prefix + n in state_dict and state_dict[prefix + n].shape != shape]
+            if bad:
+                error_msgs.append(f"StatefulNeuralMemory {prefix.rstrip('.')}: saved buffers {bad} do not fit "
+                                  f"this memory's shape for {seen.shape[0]} rows")
+                return
+            for name, t in self._fresh(seen.shape[0]).items():
+                setattr(self, name, t.to(getattr(self, name).dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ------------------------------------------------------------------ reading and learning
+    def state(self, rows: Optional[torch.Tensor] = None, pending: int = 0) -> NeuralMemoryState:
+        """The ``NeuralMemoryState`` of the chosen rows (None: all), whose unfinished chunk holds
+        ``pending`` tokens (every chosen row's ``pending_len``). Tensors are copies of the buffers."""
+
+        def take(t):
+            if t is None:
+                return None
+            return (t if rows is None else t[rows]).clone()
+
+        def take_all(ts):
+            return None if ts is None else tuple(take(t) for t in ts)
+
+        pend = tuple(None if t is None else take(t)[:, :, :pending] if pending else None
+                     for t in (self.pending_k, self.pending_v, self._pending("theta"), self._pending("alpha"),
+                               self._pending("eta")))
+        return NeuralMemoryState(
+            take_all(self._list("weights")), take_all(self._list("momentum")), take_all(self._list("chunk_weights")),
+            take_all(self._list("chunk_momentum")), pend, take(getattr(self, "conv_cache", None)), 0,
+        )
+
+    def forward(self, x: torch.Tensor, learn: bool = True) -> torch.Tensor:
+        """``x [B, T, dim] -> y [B, T, dim]``. ``learn=True`` reads ``x`` into each row's memory
+        (binding ``B`` rows when none are bound); ``learn=False`` retrieves from the memory after
+        each row's last token and changes nothing."""
+        B = self.memory_batch_size
+        if not learn:
+            if B is None:
+                return self.neural_memory.read(x)
+            return self.neural_memory.read(x, NeuralMemoryState(self._list("weights"), None, (), None, (None,) * 5,
+                                                                None, 0))
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and B is not None and x.shape[0] != B:
+            raise ValueError(f"x has {x.shape[0]} batch rows but the memory holds {B}; reset_memory() and "
+                             "bind_batch to change the batch size")
+        self.neural_memory._check_x(x, None)  # before any state changes
+        if B is None:
+            self.bind_batch(x.shape[0])
+        # Rows whose unfinished chunks differ in length (after a reset) learn in separate calls, so
+        # that every row's chunk boundaries are its own history's.
+        lens = self.pending_len.tolist()  # a host read per learning call, never when only reading
+        groups: Dict[int, List[int]] = {}
+        for b, n in enumerate(lens):
+            groups.setdefault(n, []).append(b)
+        if len(groups) == 1:
+            return self._learn(x, None, lens[0])
+        y = None
+        for n, ids in groups.items():
+            rows = torch.tensor(ids, device=x.device)
+            part = self._learn(x[rows], rows, n)
+            if y is None:
+                y = part.new_empty(x.shape[0], *part.shape[1:])
+            y[rows] = part
+        return y
+
+    def _learn(self, x: torch.Tensor, rows: Optional[torch.Tensor], pending: int) -> torch.Tensor:
+        y, new = self.neural_memory._forward(x, self.state(rows, pending))
+        new = new.detach()  # truncated back-propagation: the stored state carries no graph
+
+        def put(buf, value):
+            with torch.no_grad():
+                if rows is None:
+                    buf.copy_(value)
+                else:
+                    buf[rows] = value.to(buf.dtype)
+
+        for name in ("weights", "momentum", "chunk_weights", "chunk_momentum"):
+            for buf, value in zip(self._list(name) or (), getattr(new, name) or ()):
+                put(buf, value)
+        n = 0 if new.pending[0] is None else new.pending[0].shape[2]
+        for gate, value in zip(("k", "v", "theta", "alpha", "eta"), new.pending):
+            buf = self._pending(gate)
+            if buf is None:
+                continue
+            padded = torch.zeros_like(buf if rows is None else buf[rows])
+            if n:
+                padded[:, :, :n] = value
+            put(buf, padded)
+        put(self.pending_len, torch.full_like(self.pending_len if rows is None else self.pending_len[rows], n))
+        if new.conv_cache is not None:
+            put(self.conv_cache, new.conv_cache)
+        put(self.seen, (self.seen if rows is None else self.seen[rows]) + x.shape[1])
+        return y
+
+
+__all__ = ["MEMORIES", "NeuralMemory", "NeuralMemoryState", "StatefulNeuralMemory"]

@@ -138,7 +138,7 @@ class TitansMAC(_TitansBase):
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             mask = torch.cat([causal.new_ones(n, self.n_persist), causal, causal], dim=1)
             y = seg + self.attn(ctx[:, self.n_persist + n:], ctx, mask)
-            m, state = self.memory(self.mem_norm(y), state)
+            m, state = self.memory(self.mem_norm(y), state, return_state=True)
             o = y * torch.sigmoid(m)
             outs.append(o + self.ff(o))
         return torch.cat(outs, dim=1)
@@ -165,7 +165,7 @@ class TitansMAG(_WindowedTitansBase):
         self._check(x)
         xt = self._with_persistent(x)
         y = self._window_attention(xt)
-        m, _ = self.memory(self.mem_norm(xt))
+        m = self.memory(self.mem_norm(xt), return_state=False)
         o = (y * torch.sigmoid(m))[:, self.n_persist:]
         return o + self.ff(o)
 
@@ -189,7 +189,7 @@ class TitansMAL(_WindowedTitansBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         xt = self._with_persistent(x)
-        m, _ = self.memory(self.mem_norm(xt))
+        m = self.memory(self.mem_norm(xt), return_state=False)
         y = self._window_attention(xt + m)[:, self.n_persist:]
         return y + self.ff(y)
 

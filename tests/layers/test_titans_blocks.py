@@ -70,7 +70,7 @@ def test_zero_length_sequences_give_empty_outputs():
 
     x = torch.randn(2, 0, 16, requires_grad=True)
     nm = ml.NeuralMemory(16, heads=2, chunk_size=4, backend="torch")
-    y, state = nm(x)
+    y, state = nm(x, return_state=True)
     assert y.shape == (2, 0, 16) and state.seen == 0 and nm.read(x, state).shape == (2, 0, 16)
     assert ml.TitansMAC(16, heads=2, segment_len=4)(x).shape == (2, 0, 16)
     pkm = ml.ProductKeyMemory(dim=16, num_keys=4, top_k=2, backend="torch")
