@@ -10,7 +10,7 @@ from . import knn_attach, layer_attach
 from .attention import register
 from .config import is_config, resolve_layers
 from .families import base_model, family_of
-from .state import ATTR, Attachment, MemoryState, get_state, install, uninstall
+from .state import AttachPlan, install, memory_wrappers, positions_of, require_attached, uninstall
 
 
 def _as_list(config) -> List:
@@ -52,11 +52,11 @@ def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Modu
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     family = family_of(model)
     configs = _as_list(config)
-    state = get_state(model, required=False)
     decoder = family.layers(base_model(model))
+    present = memory_wrappers(model)
 
     # Validate everything before touching the model.
-    taken = {(a.config.kind, i) for a in (state.attachments if state else []) for i in a.config.layers}
+    taken = {(w.attachment_kind, w.layer_index) for w in present}
     plans = []
     for c in configs:
         layers = resolve_layers(c.layers, decoder)
@@ -65,40 +65,28 @@ def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Modu
                 raise ValueError(f"config: a {c.kind} memory is already attached to decoder layer {i}; detach first")
             taken.add((c.kind, i))
         plans.append(dataclasses.replace(c, layers=layers))
-    if any(c.kind == "knn" for c in plans) and (state is None or state.base_attn is None):
+    if any(c.kind == "knn" for c in plans) and positions_of(model) is None:
         _check_implementation(model, family)
         register(model.config._attn_implementation, family)  # raises for an unsupported implementation
 
     # Build every wrapper before installing any: a failing build leaves the model as it was.
-    new_state = state is None
-    if new_state:
-        state = MemoryState(family=family)
-    saved = (state.base_attn, state.position_slot)
-    built = []
-    try:
-        for c in plans:
-            built.append(Attachment(config=c, slots=BUILDERS[c.kind](model, c, state)))
-            state.building.extend(built[-1].slots)
-    except Exception:
-        state.base_attn, state.position_slot = saved
-        raise
-    finally:
-        state.building.clear()
-    if new_state:
-        model.__dict__[ATTR] = state
-    state.attachments.extend(built)
-    install(model, state)
+    plan = AttachPlan(family=family)
+    first = 1 + max((w.attachment for w in present), default=-1)
+    for n, c in enumerate(plans):
+        slots = BUILDERS[c.kind](model, c, plan)
+        for slot in slots:
+            slot.wrapper.attachment = first + n
+        plan.building.extend(slots)
+    install(model, plan.building)
     return model
 
 
 def detach(model: nn.Module) -> nn.Module:
     """Remove every attachment: the model's original modules (the same objects) and attention
     implementation are back, and its outputs are bit-identical to before ``attach``. Returns it."""
-    state = get_state(model)
-    uninstall(model, state)
-    del model.__dict__[ATTR]
+    require_attached(model)
+    uninstall(model)
     return model
-
 
 
 def _check_implementation(model: nn.Module, family) -> None:

@@ -18,7 +18,7 @@ def run_demo(memorized_tokens: int = 512, continuation: int = 32, new_tokens: in
     from .attach import attach
     from .config import KNNMemoryConfig
     from .memorize import memorize
-    from .state import get_state
+    from .state import memory_wrappers, positions_of
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -49,14 +49,14 @@ def run_demo(memorized_tokens: int = 512, continuation: int = 32, new_tokens: in
     generation = model.generate(prompt, **greedy)[:, prompt.shape[1]:]
     generate_s = time.perf_counter() - t0
 
-    state = get_state(model)
-    layers = state.wrappers("knn")
+    positions = positions_of(model)
+    layers = memory_wrappers(model, ("knn",))
     memory_bytes = sum(w.nbytes() for w in layers)
 
     # Retrieval cost per token and layer: search the store, attend to the retrieved memories.
     mem = layers[-1].memory
     q = torch.randn(1, config.num_attention_heads, 64, config.head_dim)
-    cos, sin = state.positions.rope.get(memorized_tokens, q.device)
+    cos, sin = positions.rope.get(memorized_tokens, q.device)
     reps = 5
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -69,7 +69,7 @@ def run_demo(memorized_tokens: int = 512, continuation: int = 32, new_tokens: in
     same = bool(torch.equal(generation, full_generation))
     summary = {
         "model": f"tiny Llama from LlamaConfig ({n_params / 1e3:.0f}K params, 4 layers, GQA 4q/2kv heads)",
-        "tokens memorized": int(state.positions.offset[0]),
+        "tokens memorized": int(positions.offset[0]),
         "memory layers": len(layers),
         "memory size (bytes)": memory_bytes,
         "memorize time (s)": round(memorize_s, 3),

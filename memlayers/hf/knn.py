@@ -31,23 +31,30 @@ from .state import BaseLayerWrapper
 class KNNAttention(BaseLayerWrapper):
     """``base_layer`` (the model's attention module) plus a ``KNNMemory`` (``memory``, created by
     the first ``memorize``: its batch size is the input's) and, for ``combine="gate"``, ``gate``
-    (one logit per query head, trainable)."""
+    (one logit per query head, trainable).
+
+    ``positions`` is the model's ``PositionShift`` (a plain reference, not a submodule: it is the
+    model's, saved once); ``writing`` is set by ``memorize`` while it runs.
+    """
+
+    attachment_kind = "knn"
 
     def __init__(self, base_layer: nn.Module, config: KNNMemoryConfig, layer_index: int,
-                 q_heads: int, kv_heads: int, head_dim: int, shared):
+                 q_heads: int, kv_heads: int, head_dim: int, positions: nn.Module, rotary: bool):
         super().__init__()
         self.base_layer = base_layer
         self.memory_config = config
         self.layer_index = layer_index
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.rotary = rotary
+        self.writing = False
         self.register_module("memory", None)
         if config.combine == "gate":
             p = next(base_layer.parameters())
             self.gate = nn.Parameter(torch.full((q_heads,), float(config.gate_init), device=p.device, dtype=p.dtype))
         else:
             self.gate = None
-        # A plain attribute (not a submodule): the model-wide state.
-        object.__setattr__(self, "shared", shared)
+        object.__setattr__(self, "positions", positions)
 
     # ------------------------------------------------------------------ the memory
     def ensure_memory(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -61,8 +68,8 @@ class KNNAttention(BaseLayerWrapper):
                                 index=cfg.index, metric=cfg.metric, backend=cfg.backend, device=device, dtype=dtype)
 
     def holds_memories(self) -> bool:
-        # The host-side count of memorized tokens: no device sync per layer and step.
-        return self.memory is not None and self.shared.max_offset > 0
+        # The store's host-side high-water mark: no device read per layer and step.
+        return self.memory is not None and self.memory.filled > 0
 
     def prepare_load(self, tensors) -> None:
         """Build the store a saved state dict (``memory.*``) will load into."""
@@ -70,17 +77,13 @@ class KNNAttention(BaseLayerWrapper):
             self.ensure_memory(tensors["memory.count"].shape[0], tensors["memory.keys"].device,
                                tensors["memory.keys"].dtype)
 
-    def reset_rows(self, rows: torch.Tensor) -> None:
-        if self.memory is not None:
-            self.memory.reset(rows.to(self.memory.device))
-
     def nbytes(self) -> int:
         return 0 if self.memory is None else self.memory.nbytes()
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
         rotary = None
-        if self.shared.family.rotary:  # attention(hidden_states, position_embeddings, ...)
+        if self.rotary:  # attention(hidden_states, position_embeddings, ...)
             rotary = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
         return self.base_layer(*args, memlayers_knn=self, memlayers_rotary=rotary, **kwargs)
 
@@ -101,17 +104,17 @@ class KNNAttention(BaseLayerWrapper):
                 )
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             out_l, lse_l = local_attention(query, key, value, attention_mask, scale, backend=cfg.backend)
-            positions = self.shared.positions
+            positions = self.positions
             out_m, lse_m = read_memory(
                 mem, _pre_rotary(query, rotary), query, top_k=cfg.top_k, scale=scale, position=cfg.position,
                 rope=positions.rope if rotary is not None else None, fixed_distance=cfg.fixed_distance,
-                backend=cfg.backend, max_position=self.shared.max_offset)
+                backend=cfg.backend, max_position=positions.memorized)
             out = combine_memory(out_l, lse_l, out_m, lse_m, cfg.combine, self.gate)
             result = out.to(query.dtype).transpose(1, 2).contiguous(), None
         else:
             result = base_fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         # Written after reading: a chunk attends to its own tokens locally (causally), never as memories.
-        if self.shared.writing:
+        if self.writing:
             self._write(key, value, query.shape[2], rotary)
         return result
 
@@ -120,7 +123,9 @@ class KNNAttention(BaseLayerWrapper):
             raise RuntimeError("memorize runs the model without a KV cache; got keys beyond the current chunk")
         mem = self.memory
         keys = _pre_rotary(key, rotary).to(mem.dtype)
-        mem.add(keys.contiguous(), value.to(mem.dtype).contiguous(), self.shared.write_positions)
+        offset = self.positions.offset
+        positions = offset[:, None] + torch.arange(T, device=offset.device)  # [B, T] absolute positions
+        mem.add(keys.contiguous(), value.to(mem.dtype).contiguous(), positions)
 
 
 def _pre_rotary(x: torch.Tensor, rotary) -> torch.Tensor:

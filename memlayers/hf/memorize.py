@@ -7,8 +7,9 @@ import torch
 
 from ..memory.protocol import row_mask
 from ..ops.utils import check_positive_int, check_tensor
+from ..memory.protocol import memory_modules
 from .families import base_model
-from .state import get_state
+from .state import memory_wrappers, positions_of, require_attached
 
 # Inputs of at least this many chunks show a progress bar when progress=None.
 PROGRESS_MIN_CHUNKS = 8
@@ -50,7 +51,7 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
     Returns the model. Arguments are checked before any memory changes; the first memorize fixes
     the memories' batch size (``reset_memory()`` of all rows frees it).
     """
-    state = get_state(model)
+    require_attached(model)
     _check_input_ids(model, input_ids)
     check_positive_int("chunk_size", chunk_size)
     B, N = input_ids.shape
@@ -60,13 +61,13 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
             raise ValueError("attention_mask: memorize stores every token; padding (zeros) is not supported")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
-    pos = state.positions
-    if pos is not None and pos.max_positions and state.max_offset + N > pos.max_positions:
+    pos = positions_of(model)
+    if pos is not None and pos.max_positions and pos.memorized + N > pos.max_positions:
         raise ValueError(
-            f"input_ids: {state.max_offset} memorized + {N} new tokens exceed the model's "
+            f"input_ids: {pos.memorized} memorized + {N} new tokens exceed the model's "
             f"{pos.max_positions} learned positions"
         )
-    _prepare_rows(model, state, B)
+    _prepare_rows(model, pos, B)
 
     starts = range(0, N, chunk_size)
     if progress or (progress is None and len(starts) >= PROGRESS_MIN_CHUNKS):
@@ -74,40 +75,53 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
 
         starts = tqdm(starts, desc="memorize", unit="chunk")
     decoder = base_model(model)
+    # The wrappers that write learn from what they see while their ``writing`` is set (this call only).
+    writers = memory_wrappers(model, ("knn", "titans"))
     try:
         for start in starts:
             chunk = input_ids[:, start:start + chunk_size]
-            T = chunk.shape[1]
-            if pos is not None:
-                state.write_positions = pos.offset[:, None] + torch.arange(T, device=pos.offset.device)
-            state.writing = True
+            for w in writers:
+                w.writing = True
             # The decoder stack alone: memorizing needs no logits.
             decoder(input_ids=chunk, use_cache=False)
-            state.writing = False
+            for w in writers:
+                w.writing = False
             if pos is not None:
-                pos.offset += T
-                state.max_offset += T
+                pos.advance(chunk.shape[1])
     finally:
-        state.writing = False
-        state.write_positions = None
+        for w in writers:
+            w.writing = False
     return model
 
 
-def _prepare_rows(model, state, batch_size: int) -> None:
+def _held_rows(model) -> Optional[int]:
+    """The batch size of the memories that hold something (None: all are empty)."""
+    for _, m in memory_modules(model):
+        rows = m.memory_batch_size
+        if rows is None:
+            continue
+        count = getattr(m, "count", None)  # KNNMemory: entries per row
+        seen = getattr(m, "seen", None)    # StatefulNeuralMemory: tokens read per row
+        held = count if count is not None else seen
+        if held is not None and bool(held.any()):
+            return rows
+    return None
+
+
+def _prepare_rows(model, pos, batch_size: int) -> None:
     """Give every memory ``batch_size`` rows; refuse a different batch while memories are held."""
-    pos = state.positions
-    titans_rows = [w.batch_rows() for w in state.wrappers("titans") if w.batch_rows() is not None]
-    held = pos.offset.shape[0] if pos is not None else (titans_rows[0] if titans_rows else None)
-    holding = state.max_offset > 0 or bool(titans_rows)
-    if holding and held is not None and held != batch_size:
+    held = _held_rows(model)
+    if held is not None and held != batch_size:
         raise ValueError(
             f"input_ids has {batch_size} rows but the memories hold {held}; reset_memory() first to change the batch size"
         )
     param = next(model.parameters())
-    for wrapper in state.wrappers():
-        if hasattr(wrapper, "ensure_memory"):
-            wrapper.ensure_memory(batch_size, param.device, param.dtype)
-    if pos is not None and held != batch_size:
+    for wrapper in memory_wrappers(model, ("knn",)):
+        wrapper.ensure_memory(batch_size, param.device, param.dtype)
+    for _, m in memory_modules(model):  # learned tables (DKVB) accept any batch and change nothing
+        if m.memory_batch_size != batch_size:
+            m.bind_batch(batch_size)
+    if pos is not None and pos.offset.shape[0] != batch_size:
         pos.resize(batch_size)
 
 
@@ -122,20 +136,21 @@ def reset_memory(model, rows=None):
 
     Returns the model.
     """
-    state = get_state(model)
-    pos = state.positions
-    batch = pos.offset.shape[0] if pos is not None and pos.offset.numel() else None
-    if batch is None:
-        batch = next((w.batch_rows() for w in state.wrappers("titans") if w.batch_rows() is not None), None)
-    if batch is None:  # nothing was ever memorized
+    require_attached(model)
+    pos = positions_of(model)
+    sizes = {m.memory_batch_size for _, m in memory_modules(model)} - {None}
+    if pos is not None and pos.offset.numel():
+        sizes.add(pos.offset.shape[0])
+    if not sizes:  # nothing was ever memorized
         if rows is not None:
             raise ValueError("rows: nothing was memorized yet, so there are no rows to reset")
         return model
-    mask = row_mask(rows, batch, pos.offset.device if pos is not None else "cpu")
-    for wrapper in state.wrappers():
-        if hasattr(wrapper, "reset_rows"):
-            wrapper.reset_rows(mask)
-    if pos is not None:
+    (batch,) = sizes  # memorize binds every memory to one batch size
+    mask = row_mask(rows, batch)  # checked before anything changes
+    for _, m in memory_modules(model):
+        if m.memory_batch_size is not None:
+            m.reset_memory(mask)
+    if pos is not None and pos.offset.numel():
         pos.offset[mask.to(pos.offset.device)] = 0
-        state.sync_offsets()
+        pos.sync()
     return model

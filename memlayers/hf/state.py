@@ -1,28 +1,37 @@
-"""The model-wide record of what is attached (``model._memlayers``), and the swap in and out.
+"""What is attached to a model, found by walking its modules, and the swap in and out.
 
-Every attachment replaces one module by a wrapper that keeps the original as ``base_layer``;
-``install`` puts the wrappers in place, ``uninstall`` puts the originals back (the very same module
-objects), so ``detach`` and a clean ``save_pretrained`` are the same operation.
+Every attachment replaces one module by a wrapper that keeps the original as ``base_layer``. The
+wrappers ``attach`` installs name their kind (``attachment_kind``: ``"knn"``, ``"titans"``,
+``"dkvb"``, or ``"positions"`` for the model-wide ``PositionShift``); ``installed(model)`` finds
+them by walking the model, so the model itself is the only record of what is attached (no side
+object). ``uninstall`` puts the originals back (the very same module objects) and returns the slots
+that ``install`` puts back in place, so ``detach`` and a clean ``save_pretrained`` are the same
+operation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
 from torch import nn
 
 from .attention import implementation_name
-from .families import Family
+from .families import Family, family_of
 
-ATTR = "_memlayers"
+KINDS = ("knn", "titans", "dkvb", "positions")
 
 
 class BaseLayerWrapper(nn.Module):
     """A wrapper that keeps the module it replaces as ``base_layer``; code that reads the wrapped
-    module's attributes (``layer_idx``, ``head_dim``, ...) through the wrapper still finds them."""
+    module's attributes (``layer_idx``, ``head_dim``, ...) through the wrapper still finds them.
+
+    ``attachment_kind`` names the wrappers ``memlayers.attach`` installs (``detach`` removes those
+    only); ``attachment`` is the index of the ``attach`` config that made it (in attach order) and
+    ``memory_config`` that config (layer indices resolved).
+    """
 
     _memlayers_wrapper = True
+    attachment_kind: Optional[str] = None
 
     def __getattr__(self, name: str):
         try:
@@ -44,21 +53,13 @@ class Slot:
 
 
 @dataclass
-class Attachment:
-    config: object  # a config with resolved layer indices
-    slots: List[Slot]
+class AttachPlan:
+    """The attach call in progress: the model's family, the slots built so far (not yet installed),
+    and the model's ``PositionShift`` (installed, or built by this call)."""
 
-
-@dataclass
-class MemoryState:
     family: Family
-    attachments: List[Attachment] = field(default_factory=list)
-    position_slot: Optional[Slot] = None
-    base_attn: Optional[str] = None  # the model's attn implementation before kNN attached
-    writing: bool = False             # memorize is running
-    write_positions: Optional[torch.Tensor] = None  # [B, T] absolute positions of the chunk being memorized
-    max_offset: int = 0               # largest count of memorized tokens over the batch rows (host side)
-    building: List[Slot] = field(default_factory=list)  # slots built by the attach call in progress
+    building: List[Slot] = field(default_factory=list)
+    positions: Optional[nn.Module] = None
 
     def current(self, parent: nn.Module, attr: str) -> nn.Module:
         """What ``parent.<attr>`` will be once the attach in progress installs its wrappers."""
@@ -67,41 +68,68 @@ class MemoryState:
                 return slot.wrapper
         return getattr(parent, attr)
 
-    @property
-    def positions(self):
-        return None if self.position_slot is None else self.position_slot.wrapper
 
-    def slots(self) -> List[Slot]:
-        out = [s for a in self.attachments for s in a.slots]
-        return out + ([self.position_slot] if self.position_slot is not None else [])
-
-    def wrappers(self, kind: Optional[str] = None) -> List[nn.Module]:
-        return [s.wrapper for a in self.attachments if kind is None or a.config.kind == kind for s in a.slots]
-
-    def sync_offsets(self) -> None:
-        pos = self.positions
-        self.max_offset = int(pos.offset.max()) if pos is not None and pos.offset.numel() else 0
+# pkm_branch.py (memlayers.hf's product-key branch) builds with the name it was written against.
+MemoryState = AttachPlan
 
 
-def get_state(model, required: bool = True) -> Optional[MemoryState]:
+def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    state = model.__dict__.get(ATTR)
-    if state is None and required:
+
+
+def installed(model: nn.Module, kinds=KINDS) -> List[Slot]:
+    """The installed ``attach`` wrappers of ``kinds``, outermost first (a walk of ``model``)."""
+    _check_model(model)
+    slots = []
+    for name, module in model.named_modules():
+        if getattr(module, "attachment_kind", None) in kinds and getattr(module, "_memlayers_wrapper", False):
+            parent_name, _, attr = name.rpartition(".")
+            slots.append(Slot(parent=model.get_submodule(parent_name), attr=attr, wrapper=module,
+                              layer=getattr(module, "layer_index", -1)))
+    return slots
+
+
+def memory_wrappers(model: nn.Module, kinds=("knn", "titans", "dkvb")) -> List[nn.Module]:
+    return [s.wrapper for s in installed(model, kinds)]
+
+
+def positions_of(model: nn.Module) -> Optional[nn.Module]:
+    """The model's ``PositionShift`` (None: no kNN memory attached)."""
+    found = installed(model, ("positions",))
+    return found[0].wrapper if found else None
+
+
+def require_attached(model: nn.Module) -> List[Slot]:
+    slots = installed(model)
+    if not slots:
         raise ValueError("model has no memory attached; call memlayers.attach(model, config) first")
-    return state
+    return slots
 
 
-def install(model, state: MemoryState) -> None:
-    # Outermost last: a decoder layer wrapped twice is wrapped in attachment order.
-    for slot in state.slots():
+def attached_configs(model: nn.Module) -> List:
+    """The configs of the attachments, in attach order (each once)."""
+    by_index = {}
+    for w in memory_wrappers(model):
+        by_index.setdefault(w.attachment, w.memory_config)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def install(model: nn.Module, slots: List[Slot]) -> None:
+    """Put ``slots`` (as ``uninstall`` returned them) back in place."""
+    for slot in slots:
         setattr(slot.parent, slot.attr, slot.wrapper)
-    if state.base_attn is not None:
-        model.set_attn_implementation(implementation_name(state.base_attn, state.family))
+    pos = next((s.wrapper for s in slots if s.wrapper.attachment_kind == "positions"), None)
+    if pos is not None:
+        model.set_attn_implementation(implementation_name(pos.base_attn, family_of(model)))
 
 
-def uninstall(model, state: MemoryState) -> None:
-    for slot in reversed(state.slots()):
+def uninstall(model: nn.Module) -> List[Slot]:
+    """Put the original modules back; returns the slots, outermost first, for ``install``."""
+    slots = installed(model)
+    for slot in reversed(slots):  # innermost first: an outer wrapper's base_layer is restored before it
         setattr(slot.parent, slot.attr, slot.wrapper.base_layer)
-    if state.base_attn is not None:
-        model.set_attn_implementation(state.base_attn)
+    pos = next((s.wrapper for s in slots if s.wrapper.attachment_kind == "positions"), None)
+    if pos is not None:
+        model.set_attn_implementation(pos.base_attn)
+    return slots

@@ -22,16 +22,16 @@ def test_rows_are_independent_and_reset_rows_forgets_only_them():
                       mm.TitansMemoryConfig(layers=[0], chunk_size=16, backend="torch")])
     mm.memorize(model, ids[:, :40], chunk_size=16)
     titans = model.model.layers[0]
-    kept = titans.memory_state.weights[0][0].clone()
+    kept = titans.titans_memory.weights_0[0].clone()
     mm.reset_memory(model, rows=[False, True])  # a list of bools is a mask: row 1 (not rows 0 and 1)
     out = logits(model, ids[:, 40:])
     assert rel_err(out[:1], full0[:, 40:]) < 1e-4   # row 0 still has its memory
     assert rel_err(out[1:], alone1) < 1e-4          # row 1 starts over, at position 0
     mem = model.model.layers[1].self_attn.memory
     assert mem.count.tolist() == [40, 0]
-    assert torch.equal(titans.memory_state.weights[0][0], kept)
-    fresh = titans.neural_memory.initial_state(1).weights[0][0]
-    assert torch.equal(titans.memory_state.weights[0][1], fresh)
+    assert torch.equal(titans.titans_memory.weights_0[0], kept)
+    fresh = titans.titans_memory.neural_memory.initial_state(1).weights[0][0]
+    assert torch.equal(titans.titans_memory.weights_0[1], fresh)
 
 
 def test_batch_size_is_fixed_until_a_full_reset():
