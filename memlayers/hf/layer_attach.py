@@ -62,6 +62,7 @@ class TitansLayer(_GatedLayer):
             expansion=config.expansion, chunk_size=config.chunk_size, momentum=config.momentum,
             forget=config.forget, conv_size=config.conv_size, max_lr=config.max_lr, backend=config.backend,
         )).to(p.device)
+        self.train(base_layer.training)  # the model's mode: an eval model gets an eval branch
 
     def branch(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         memory = self.titans_memory
@@ -92,6 +93,7 @@ class DKVBLayer(_GatedLayer):
             value_dim=hidden // config.num_codebooks, top_k=config.top_k, splitter="random", decoder="none",
             backend=config.backend,
         ).to(p.device)
+        self.train(base_layer.training)  # the model's mode: an eval model gets an eval branch
 
     def branch(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         out = self.dkvb(h.to(self.dkvb.values.dtype))  # [..., C, Dv]
