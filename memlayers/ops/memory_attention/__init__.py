@@ -15,7 +15,8 @@ MAX_HEAD_DIM = 256
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary_cos, rotary_sin) -> float:
+def _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary_cos, rotary_sin,
+                  validate: bool) -> float:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, Hq, T, D = q.shape
     check_tensor("mem_keys", mem_keys, shape=(B, None, None, D), dtypes=(q.dtype,))
@@ -45,8 +46,11 @@ def _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary
         check_tensor("rotary_sin", rotary_sin, shape=tuple(rotary_cos.shape), dtypes=FLOAT_DTYPES)
         check_tensor("mem_positions", mem_positions, shape=(B, C), dtypes=INDEX_DTYPES)
 
-    # Out-of-range indices or positions would read outside the buffers: one host sync checks both.
-    if indices.numel():
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    # Out-of-range indices or positions would read outside the buffers: one host sync checks both
+    # (skipped with validate=False, for indices that come from a search of these same buffers).
+    if validate and indices.numel():
         bad_index = (indices < -1) | (indices >= C)
         problems = [bad_index.any()]
         if all(rotary):
@@ -75,6 +79,7 @@ def memory_attention(
     rotary_cos: Optional[torch.Tensor] = None,
     rotary_sin: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    validate: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over its own k retrieved memories, gathered by slot id.
 
@@ -93,6 +98,11 @@ def memory_attention(
             gathered key is rotated at its stored position before the dot: keys stored before RoPE,
             rotated on read. All three or none.
         backend: ``"auto"`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``.
+        validate: check that every index is ``-1`` or a slot id in ``0..C-1`` and (rotary) that the
+            retrieved slots' positions are rows of the tables, raising ValueError otherwise. It reads
+            the device (one host sync per call); pass ``False`` for indices a search of these same
+            buffers produced (e.g. each decode step of a kNN layer): out-of-range indices then read
+            outside the buffers. Every other argument check reads no tensor data and always runs.
 
     Returns:
         ``(out [B, Hq, T, Dv] in q's dtype, lse [B, Hq, T] fp32)``; a query with no valid memory gets
@@ -109,7 +119,7 @@ def memory_attention(
         >>> out.shape, lse.shape
         (torch.Size([2, 8, 5, 64]), torch.Size([2, 8, 5]))
     """
-    scale = _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary_cos, rotary_sin)
+    scale = _check_inputs(q, mem_keys, mem_values, indices, scale, mem_positions, rotary_cos, rotary_sin, validate)
     backend = resolve_backend(backend, q, mem_keys, mem_values, indices, op="memory_attention")
     B, Hq, T, _ = q.shape
     if B * Hq * T == 0 or mem_keys.shape[2] == 0 or indices.shape[3] == 0:  # nothing to gather: every query is empty
