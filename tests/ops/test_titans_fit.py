@@ -96,18 +96,19 @@ def _resources(cubin: bytes, cc: int) -> dict:
     return dict(regs=field("REG"), local=field("LOCAL"), stack=field("STACK"))
 
 
-def compile_spec(kind, direction, D, dtype, hidden, cc) -> dict:
+def compile_spec(kind, direction, D, dtype, hidden, cc, chunk=64) -> dict:
     """Compile one launch for ``sm_<cc>``: shared memory (bytes) and per-thread resources."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    fn, args, kwargs = _launch(kind, direction, D, dtype, hidden)
+    fn, args, kwargs = _launch(kind, direction, D, dtype, hidden, chunk)
     sig, constexprs = _signature(fn, args, kwargs)
     opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                               target=GPUTarget("cuda", cc, 32), options=opts)
     sizes = {n: kwargs[n] for n in ("BV", "BHB", "num_warps") if n in kwargs}
-    return dict(kind=kind, direction=direction, D=D, dtype=dtype, hidden=hidden, cc=cc, shared=compiled.metadata.shared,
+    return dict(kind=kind, direction=direction, D=D, dtype=dtype, hidden=hidden, cc=cc, chunk=chunk,
+                shared=compiled.metadata.shared,
                 triton=triton.__version__, **sizes, **_resources(compiled.asm["cubin"], cc))
 
 
@@ -128,20 +129,19 @@ def _can_compile() -> bool:
         return False
 
 
-# The launches with the most shared memory per family (measured by the sweep), both directions.
-REPRESENTATIVES = [
-    ("linear", "bwd", 256, "bfloat16", 256),
-    ("mlp", "bwd", 128, "bfloat16", 512),
-]
+# The launch with the most shared memory of all (sm_90, Triton 3.9, measured by the sweep): the MLP
+# backward at head dim 128, hidden 512, bf16, 64-token chunks (147,456 bytes). Linear backward at
+# head dim 256: 92,160; MLP backward at head dim 256 with 32-token chunks: 102,400. One compile per
+# arch keeps this test within the suite's budget (Triton caches it by source hash afterwards).
+LARGEST = ("mlp", "bwd", 128, "bfloat16", 512)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_compile(), reason="this Triton build cannot compile for CUDA (no nvidia backend/ptxas)")
 @pytest.mark.parametrize("cc", [90, 80])
-def test_largest_titans_kernels_fit_in_shared_memory(cc):
-    results = _compile_in_subprocess([list(s) + [cc] for s in REPRESENTATIVES])
-    for r in results:
-        assert r["shared"] <= SHARED_LIMIT[cc], f"{r} needs more shared memory than sm_{cc} has"
+def test_largest_titans_kernel_fits_in_shared_memory(cc):
+    (r,) = _compile_in_subprocess([list(LARGEST) + [cc]])
+    assert r["shared"] <= SHARED_LIMIT[cc], f"{r} needs more shared memory than sm_{cc} has"
 
 
 def _sweep():
@@ -152,13 +152,15 @@ def _sweep():
                 for dtype in DTYPES:
                     for direction in ("fwd", "bwd"):
                         for cc in (90, 80):
-                            specs.append((kind, direction, D, dtype, hidden, cc))
-    print(f"{'kind':6} {'dir':3} {'D':>3} {'hidden':>6} {'dtype':8} {'sm':>2} {'shared':>7} {'regs':>4} "
+                            # The host sends MLP heads past 128 to the kernels with chunks up to 32 only.
+                            chunk = 32 if kind == "mlp" and D > 128 else 64
+                            specs.append((kind, direction, D, dtype, hidden, cc, chunk))
+    print(f"{'kind':6} {'dir':3} {'D':>3} {'hidden':>6} {'dtype':8} {'sm':>2} {'C':>2} {'shared':>7} {'regs':>4} "
           f"{'stack':>5} {'fits':>4}", flush=True)
     for s in specs:
         r = compile_spec(*s)
         fits = r["shared"] <= SHARED_LIMIT[r["cc"]]
-        print(f"{r['kind']:6} {r['direction']:3} {r['D']:>3} {r['hidden']:>6} {r['dtype']:8} {r['cc']:>2} "
+        print(f"{r['kind']:6} {r['direction']:3} {r['D']:>3} {r['hidden']:>6} {r['dtype']:8} {r['cc']:>2} {r['chunk']:>2} "
               f"{r['shared']:>7} {r['regs']:>4} {r['stack']:>5} {'yes' if fits else 'NO':>4}", flush=True)
 
 

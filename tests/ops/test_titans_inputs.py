@@ -126,3 +126,16 @@ def test_zero_length_sequence_gives_empty_outputs_and_gradients(depth, backend):
     for g, t in zip(grads, leaves):
         assert g.shape == t.shape
     assert all(g.abs().sum() > 0 for g in grads[6:])  # the states' gradients pass straight through
+
+
+def test_triton_backend_refuses_wide_mlp_heads_with_large_chunks():
+    # Head dim 256 MLP: a 64-token chunk's backward would not fit in shared memory; 32 does.
+    pytest.importorskip("triton")
+    a = args(T=4, D=256)
+    w = (torch.zeros(1, 2, 256, 256), torch.zeros(1, 2, 256, 256))
+    with pytest.raises(ValueError, match="chunk_size <= 32"):
+        titans_memory(a["q"], a["k"], a["v"], a["theta"], w, chunk_size=64, backend="triton")
+    from memlayers.ops.titans import kernel_supports
+
+    assert kernel_supports(w, a["q"], a["v"], 32) is None
+    assert kernel_supports(w[:1], a["q"], a["v"], 64) is None  # the linear memory is split by value blocks

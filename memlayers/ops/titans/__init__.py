@@ -25,6 +25,10 @@ MAX_KERNEL_HIDDEN = 4 * MAX_KERNEL_DIM
 # Chunk sizes the kernels take: tl.dot tiles need >= 16; past 64 the [C, D] tiles outgrow the budget
 # of registers and shared memory the kernels are sized for (larger chunks run on the torch path).
 KERNEL_CHUNKS = (16, 32, 64)
+# The MLP kernels keep [C, D] accumulators for a whole head: past head dim 128 the backward of a
+# 64-token chunk needs 258 KB of shared memory (sm_90, measured; the limit is 227 KB), of a
+# 32-token chunk 102 KB. Wider MLP heads take chunks up to 32 on the kernels.
+MLP_WIDE_HEAD, MLP_WIDE_MAX_CHUNK = 128, 32
 
 
 def _check_float(name: str, value, *, positive: bool = False, minimum: Optional[float] = None) -> float:
@@ -103,6 +107,9 @@ def kernel_supports(weights: Sequence[torch.Tensor], q: torch.Tensor, v: torch.T
         return f"the kernels implement the linear memory and the depth-2 MLP, got depth {len(weights)}"
     if chunk_size not in KERNEL_CHUNKS:
         return f"the kernels need chunk_size in {KERNEL_CHUNKS}, got {chunk_size}"
+    if len(weights) == 2 and q.shape[-1] > MLP_WIDE_HEAD and chunk_size > MLP_WIDE_MAX_CHUNK:
+        return (f"the MLP kernels need chunk_size <= {MLP_WIDE_MAX_CHUNK} past head dim {MLP_WIDE_HEAD} "
+                f"(shared memory), got chunk_size {chunk_size} at head dim {q.shape[-1]}")
     if max(q.shape[-1], v.shape[-1]) > MAX_KERNEL_DIM:
         return f"the kernels support head dims up to {MAX_KERNEL_DIM}, got {max(q.shape[-1], v.shape[-1])}"
     if len(weights) == 2 and weights[0].shape[-1] > MAX_KERNEL_HIDDEN:
@@ -147,7 +154,8 @@ def titans_memory(
         alpha: ``[B, H, T]`` forget gates in [0, 1] (weight decay), or None for no forgetting.
         eta: ``[B, H, T]`` momentum gates in [0, 1], or None for no momentum (``S_t = -theta_t g_t``).
         momentum: initial surprise, same shapes as ``weights`` (zeros when None); only with ``eta``.
-        chunk_size: tokens per chunk (the kernels take 16, 32 or 64). 1 = exact recurrence.
+        chunk_size: tokens per chunk (the kernels take 16, 32 or 64; the MLP past head dim 128 up
+            to 32). 1 = exact recurrence.
         bias: attentional bias ``"l2"`` (Titans), ``"lp"`` (Moneta, exponent ``p``, smoothing
             ``eps``) or ``"huber"`` (Yaad, threshold ``delta``).
         allow_tf32: let fp32 inputs use tf32 matmuls in the kernels (fp16/bf16 inputs always may).
