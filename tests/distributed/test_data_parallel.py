@@ -1,6 +1,7 @@
-"""DDP and FSDP2 on 2 gloo CPU processes over a model with KNNMemoryAttention, NeuralMemory and a
-sharded ProductKeyMemory: each rank keeps its own memories, and training equals two single-process
-runs on the same data split whose gradients are averaged; FSDP2 matches DDP."""
+"""DDP and FSDP2 on 2 gloo CPU processes over a model with KNNMemoryAttention, a NeuralMemory (its
+state in buffers: StatefulNeuralMemory) and a sharded ProductKeyMemory: each rank keeps its own
+memories, and training equals two single-process runs on the same data split whose gradients are
+averaged; FSDP2 matches DDP; a distributed checkpoint round-trips every rank's memories."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,21 +16,18 @@ WORLD, B, T, DIM, STEPS, LR = 2, 2, 5, 16, 3, 0.1
 
 
 class Tiny(nn.Module):
-    """Residual stack of the three memory kinds; the Titans state is carried per rank between calls."""
+    """Residual stack of the three memory kinds, all state in buffers."""
 
     def __init__(self, pkm_group=None):
         super().__init__()
         self.attn = ml.KNNMemoryAttention(DIM, heads=2, top_k=3, capacity=12, xl_memory=True, backend="torch")
-        self.neural = ml.NeuralMemory(DIM, heads=2, chunk_size=4, backend="torch")
+        self.neural = ml.StatefulNeuralMemory(ml.NeuralMemory(DIM, heads=2, chunk_size=4, backend="torch"))
         self.pkm = ml.ProductKeyMemory(DIM, heads=2, num_keys=6, top_k=3, value_dim=9, backend="torch",
                                        process_group=pkm_group)
-        self.state = None
 
     def forward(self, x):
         h = x + self.attn(x)
-        y, state = self.neural(h, self.state)
-        self.state = state.detach()
-        h = h + y
+        h = h + self.neural(h)
         return h + self.pkm(h)
 
 
@@ -62,7 +60,7 @@ def _reference():
         with torch.no_grad():
             for ref in refs:
                 for n, p in ref.named_parameters():
-                    if grads[0][n] is not None:  # the Titans initial memory is read by a fresh state only
+                    if grads[0][n] is not None:  # the Titans initial memory is read by fresh rows only
                         p -= LR * sum(g[n] for g in grads) / WORLD
         outs.append(step_outs)
     return init, refs, outs
@@ -93,7 +91,7 @@ def _assert_matches(model, ref, rank):
     for name in ("keys", "values", "positions", "count"):
         torch.testing.assert_close(getattr(model.attn.memory, name), getattr(ref.attn.memory, name), msg=name)
     torch.testing.assert_close(model.attn.xl_keys, ref.attn.xl_keys)
-    torch.testing.assert_close(model.state.weights[0], ref.state.weights[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.neural.weights_0, ref.neural.weights_0, rtol=1e-5, atol=1e-6)
 
 
 def _differs_across_ranks(t):
@@ -126,7 +124,7 @@ def _worker(rank, init_file):
         for step in range(STEPS):
             torch.testing.assert_close(ddp_outs[step], ref_outs[step][rank], rtol=1e-5, atol=1e-6)
         _assert_matches(model, refs[rank], rank)
-        assert _differs_across_ranks(model.attn.memory.keys) and _differs_across_ranks(model.state.weights[0])
+        assert _differs_across_ranks(model.attn.memory.keys) and _differs_across_ranks(model.neural.weights_0)
 
         # FSDP2 of the same model trains like DDP.
         from torch.distributed.device_mesh import init_device_mesh
@@ -169,8 +167,7 @@ def _checkpoint_worker(rank, init_file, path):
         for name, t in saved.items():
             assert torch.equal(loaded[name], t), name
         assert _differs_across_ranks(restored.attn.memory.keys)
-        # The restored memory searches as the saved one: the next segment gives the same output.
-        restored.state = model.state
+        # The restored memories read as the saved ones: the next segment gives the same output.
         x = _batch(STEPS, rank)[0]
         torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
     finally:
