@@ -41,7 +41,6 @@ SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in maximum
 SPILL_BUDGET: dict = {}
 
 ISSUE = "issue 13"
-_FP32_SPILLS = f"{ISSUE}: fp32 ieee dots spill at this tile size"
 _TITANS_SMEM = f"{ISSUE}: Titans kernel holds whole state matrices per program, past the shared-memory limit"
 _TITANS_SPILLS = f"{ISSUE}: Titans kernel holds whole state matrices per program in registers and spills"
 _INSTALLED = ("triton-installed",)
@@ -49,17 +48,11 @@ _INSTALLED = ("triton-installed",)
 # VM, triton 3.6.0 and 3.9.0) except the Titans real-dim ones at triton 3.9, taken from the 3.6 figures
 # of issue 13.
 KNOWN_FAILURES = {
-    "knn_search-fwd-fp32-d64-k=16-metric=cosine": (_FP32_SPILLS, None, None),
-    "knn_search-fwd-bf16-d256-T=1-k=1024-metric=l2": (
-        f"{ISSUE}: k=1024 keeps a 16 x 1024 int64 candidate buffer per program in registers", None, None),
     "memory_attention-bwd-bf16-d128-k=32-mem_grad=1-rotary=1": (
         f"{ISSUE}: spills 8-476 bytes with triton 3.9 (none with 3.6)", _INSTALLED, None),
     "memory_attention-fwd-fp32-d64-k=8-rotary=0": (f"{ISSUE}: fp32 gathered tile spills with triton 3.9", _INSTALLED, None),
     "memory_attention-bwd-fp32-d64-k=8-mem_grad=0-rotary=0": (
         f"{ISSUE}: fp32 gathered tile spills with triton 3.9", _INSTALLED, None),
-    "local_attention-bwd-bf16-d128-prefix=1": (f"{ISSUE}: the dk/dv kernel spills 8-72 bytes at 8 warps", None, None),
-    "local_attention-fwd-fp32-d64-prefix=0": (_FP32_SPILLS, None, None),
-    "local_attention-bwd-fp32-d64-prefix=0": (_FP32_SPILLS, None, None),
     "titans-bwd-bf16-d16-chunk=16-depth=1": (_TITANS_SPILLS, None, None),
     "titans-fwd-bf16-d128-chunk=64-depth=1": (_TITANS_SMEM, None, None),
     "titans-bwd-bf16-d128-chunk=64-depth=1": (_TITANS_SMEM, None, None),

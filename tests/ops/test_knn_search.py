@@ -4,7 +4,7 @@ import torch
 
 from memlayers import knn_search
 from memlayers.ops.knn_search.naive import knn_search_naive
-from memlayers.ops.knn_search.triton import knn_search_fwd
+from memlayers.ops.knn_search.triton import MAX_KERNEL_K, knn_search_fwd
 from memlayers.ops.utils.testing import poison_, rel_err
 
 
@@ -80,6 +80,18 @@ def test_triton_matches_reference(shape, metric, device):
     check_topk(s, i, q, keys, k, metric)
     s_ref, _ = knn_search_naive(q, keys, k, metric=metric)
     assert rel_err(s[s > float("-inf")], s_ref[s_ref > float("-inf")]) <= 1e-5
+
+
+def test_kernel_takes_k_up_to_its_maximum(device):
+    """The kernel's register buffer is bounded: it serves k <= MAX_KERNEL_K and refuses more (the
+    Triton backend runs larger k on the torch path, test_k_beyond_faiss_gpu_cap)."""
+    q = torch.randn(1, 2, 3, 16, device=device)
+    keys = torch.randn(1, 1, 300, 16, device=device)
+    s, i = knn_search(q, keys, MAX_KERNEL_K, backend="triton")
+    check_topk(s, i, q, keys, MAX_KERNEL_K, "ip")
+    lengths = torch.full((1, 1), 300, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="k must be at most"):
+        knn_search_fwd(q.reshape(1, 1, 6, 16), keys, MAX_KERNEL_K + 1, lengths, "ip")
 
 
 def test_k_beyond_faiss_gpu_cap(device):

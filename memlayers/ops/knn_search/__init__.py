@@ -29,7 +29,9 @@ def knn_search(
             query head ``h`` searches kv-head ``h // (Hq // Hkv)``). Any strides; on CPU, keys laid
             out dim-major (``keys.stride(-2) == 1``, as ``KNNMemory`` stores them there) search a few
             queries up to 3x faster than contiguous ones.
-        k: results per query, any int >= 0 (results past the number of valid keys are marked).
+        k: results per query, any int >= 0 (results past the number of valid keys are marked). The
+            Triton kernel serves k up to ``memlayers.ops.knn_search.triton.MAX_KERNEL_K`` (256); the
+            Triton backend runs larger k on the torch path (scores in query chunks, then torch.topk).
         valid_lengths: optional ``[B]`` or ``[B, Hkv]`` integer tensor: only slots ``< valid_lengths``
             are searched (a memory that is not full yet).
         metric: ``"ip"`` (q.k), ``"cosine"`` or ``"l2"`` (scores are ``-||q-k||^2``); higher is better.

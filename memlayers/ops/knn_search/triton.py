@@ -23,8 +23,13 @@ import triton
 import triton.language as tl
 
 from ..utils.dispatch import interpreter_enabled
+from .naive import knn_search_naive
 
 METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
+# The largest k the kernel keeps in registers: a program's buffer is BLOCK_R (16 at this k) x k int64,
+# 32 values per thread at 4 warps. Larger k (where sorting, not scoring, is the cost) runs the chunked
+# torch path (cuBLAS scores + two-stage torch.topk), so the buffer never spills whatever k is asked.
+MAX_KERNEL_K = 256
 NORM_EPS = 1e-12
 _I64_MIN = tl.constexpr(-(2**63))
 _I64_MAX = tl.constexpr(2**63 - 1)
@@ -49,7 +54,7 @@ def knn_search_fwd_kernel(
     num_kv_heads, R, D, TOPK, tiles_per_split,
     METRIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -89,10 +94,7 @@ def knn_search_fwd_kernel(
                      mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kt))
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC)
         if METRIC == 1:
             kf = kt.to(tl.float32)
             k_inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=1)), 1e-12)
@@ -126,14 +128,27 @@ def knn_search_fwd_kernel(
     tl.store(OUT_INDICES + out_off, slots_out, mask=out_mask)
 
 
-def _block_sizes(R: int, M: int, D: int, kp: int) -> Tuple[int, int, int]:
+def _block_sizes(R: int, M: int, D: int, kp: int, elem_size: int) -> Tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(D))
     # Keep the register buffer near 4K packed values per program.
     block_r = max(16, min(64, 4096 // kp))
-    block_r = min(block_r, max(16, triton.next_power_of_2(R)))
     block_m = 64 if block_d <= 128 else 32
+    if elem_size == 4:
+        # fp32 tiles take twice the registers of 16-bit ones (and tf32x3 splits each operand in two):
+        # at the 16-bit tiles they spilled 2-9 KB per thread (ptxas, sm_90/sm_80, head dim 64).
+        block_r, block_m = max(16, block_r // 2), 32
+    block_r = min(block_r, max(16, triton.next_power_of_2(R)))
     block_m = min(block_m, max(16, triton.next_power_of_2(M)))
     return block_r, block_m, block_d
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: split-precision tensor-core dots (three tf32 products, ~fp32 accuracy) instead of
+    full-precision FMA dots, whose register-held operands spill. The interpreter (numpy matmul)
+    computes every precision as plain fp32, so there "ieee" and "tf32x3" give the same scores."""
+    if interpreter_enabled():
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # 16-bit operands: the flag does not apply
 
 
 def _num_splits(n_tiles: int, base_programs: int, device: torch.device) -> int:
@@ -151,7 +166,6 @@ def knn_search_fwd(
     lengths: torch.Tensor,
     metric: str,
     splits: Optional[int] = None,
-    allow_tf32: bool = False,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stage 1: per-split candidates (into ``out`` when given, e.g. poisoned buffers in tests).
@@ -161,8 +175,10 @@ def knn_search_fwd(
     """
     B, Hkv, R, D = queries.shape
     M = keys.shape[2]
+    if k > MAX_KERNEL_K:
+        raise ValueError(f"k must be at most {MAX_KERNEL_K} in the kernel, got {k}")
     kp = triton.next_power_of_2(k)
-    block_r, block_m, block_d = _block_sizes(R, M, D, kp)
+    block_r, block_m, block_d = _block_sizes(R, M, D, kp, queries.element_size())
     n_tiles = max(1, triton.cdiv(M, block_m))
     base = B * Hkv * triton.cdiv(R, block_r)
     S = splits if splits is not None else _num_splits(n_tiles, base, queries.device)
@@ -187,7 +203,7 @@ def knn_search_fwd(
         Hkv, R, D, k, tiles_per_split,
         METRIC=METRIC_CODES[metric],
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_D=block_d, KP=kp,
-        IEEE=(queries.dtype == torch.float32 and not allow_tf32) or upcast,
+        PREC=_dot_precision(queries.dtype),
         UPCAST=upcast,
         num_warps=4,
     )
@@ -222,6 +238,8 @@ def knn_search_triton(
         return (queries.new_full((B, Hq, T, k), float("-inf"), dtype=torch.float32),
                 torch.full((B, Hq, T, k), -1, device=queries.device, dtype=torch.int64))
 
+    if k > MAX_KERNEL_K:
+        return knn_search_naive(queries.detach(), kd, k, valid_lengths, metric)
     cand_scores, cand_slots = knn_search_fwd(q, kd, k, lengths, metric, splits=splits)
     R = group * T
     cand_scores = cand_scores.reshape(B, Hkv, R, -1)

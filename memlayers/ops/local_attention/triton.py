@@ -218,7 +218,7 @@ class _Launch:
                                                                     backward, interpret)
         # int32 rows; a dummy pointer when every prefix is visible (MASK_PREFIX is a constexpr).
         self.prefix_valid = q if prefix_valid is None else prefix_valid.to(torch.int32)
-        prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+        prec = _dot_precision(q.dtype, interpret)
         self.meta = dict(MASK_PREFIX=prefix_valid is not None, PREC=prec, UPCAST=upcast,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv)
 
@@ -242,10 +242,27 @@ def _tiles(T: int, S: int, block_d: int, block_dv: int, elem_size: int, backward
         block_m = max(16, min(64, triton.next_power_of_2(T), (1 << 12) // widest))
         block_n = max(16, min(128, triton.next_power_of_2(S), (1 << 18) // (block_m * widest)))
         return block_m, block_n, 4, 1
-    narrow = (block_d + block_dv) * elem_size <= 512  # bytes of one k row plus one v row: bf16 D <= 128
+    if elem_size == 4:
+        # fp32 operands take twice the registers of 16-bit ones, and tf32x3 splits each in two: the
+        # 16-bit tiles spilled ~27 KB per thread at head dim 64 (ptxas, sm_90), 4 warps still 8-36
+        # bytes, and the dk/dv program still 8-12 bytes with a second pipeline stage.
+        return (32, 32, 8, 1) if backward else (64, 32, 8, 2)
+    narrow = block_d + block_dv <= 256  # one k row plus one v row of 16-bit elements fit 512 bytes: D <= 128
     if backward:  # the dk/dv program also keeps two fp32 [BLOCK_N, D] accumulators
-        return (64, 64, 4 if block_d <= 64 else 8, 2) if narrow else (32, 32, 4, 2)
+        if block_d <= 64:
+            return 64, 64, 4, 2
+        # head dim 128: 32 queries a step, or the dk/dv program spilled 8-72 bytes (ptxas, 8 warps)
+        return (32, 64, 8, 2) if narrow else (32, 32, 4, 2)
     return (128, 64, 4 if block_d <= 64 else 8, 3) if narrow else (64, 32, 4, 2)
+
+
+def _dot_precision(dtype: torch.dtype, interpret: bool) -> str:
+    """fp32 inputs: split-precision tensor-core dots (three tf32 products, ~fp32 accuracy) instead of
+    full-precision FMA dots, whose operands live in registers and spill. The interpreter (numpy
+    matmul) computes every precision as plain fp32, so there "ieee" and "tf32x3" give the same result."""
+    if interpret:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # 16-bit operands: the flag does not apply
 
 
 def _strides(*tensors: torch.Tensor):
