@@ -41,10 +41,11 @@ def column_range(value_dim: int, world: int, rank: int) -> Tuple[int, int]:
     return start, start + widths[rank]
 
 
-def token_counts(tokens: int, group) -> List[int]:
-    """Every rank's token count (one small all-gather and a host read: the counts may differ)."""
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, torch.tensor([tokens]), group=group)
+def token_counts(tokens: int, group, device) -> List[int]:
+    """Every rank's token count (one small all-gather and a host read: the counts may differ). The
+    tensors live on ``device``, the data's, which the group's backend (NCCL: CUDA) must accept."""
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([tokens], device=device), group=group)
     return [int(c) for c in counts]
 
 
@@ -140,7 +141,7 @@ def sharded_bag(shard: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     if shard.shape[1] != widths[dist.get_rank(group)]:
         raise ValueError(f"shard must hold {widths[dist.get_rank(group)]} columns on rank {dist.get_rank(group)}, "
                          f"got shape {tuple(shard.shape)}")
-    counts = token_counts(weights.shape[0], group)
+    counts = token_counts(weights.shape[0], group, weights.device)
     all_weights, all_indices = _GatherTokens.apply(weights, indices, counts, group)
     local = weighted_embedding_bag(_AverageGrad.apply(shard, world), all_indices, all_weights,
                                    backend=backend, check_indices=False)
