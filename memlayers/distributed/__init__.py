@@ -5,8 +5,8 @@
 See docs/distributed.md.
 """
 from .checkpoint import load, load_state_dict, save, state_dict
-from .columns import column_range, column_widths, sharded_bag
+from .columns import column_range, column_widths, gather_columns, sharded_bag
 from .data_parallel import bind_memories, per_rank_names, prepare_ddp, prepare_fully_shard, sharded_parameters
 
-__all__ = ["bind_memories", "column_range", "column_widths", "load", "load_state_dict", "save", "per_rank_names", "prepare_ddp",
+__all__ = ["bind_memories", "column_range", "column_widths", "gather_columns", "load", "load_state_dict", "save", "per_rank_names", "prepare_ddp",
            "prepare_fully_shard", "sharded_bag", "sharded_parameters", "state_dict"]

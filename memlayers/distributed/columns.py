@@ -148,4 +148,14 @@ def sharded_bag(shard: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     return _ExchangeColumns.apply(local, counts, widths, group)
 
 
-__all__ = ["column_range", "column_widths", "sharded_bag"]
+def gather_columns(shard: torch.Tensor, value_dim: int, group) -> torch.Tensor:
+    """The whole ``[N, value_dim]`` table from every rank's ``[N, w_r]`` shard (an all-gather)."""
+    widths = column_widths(value_dim, dist.get_world_size(group))
+    padded = shard.new_zeros(shard.shape[0], max(widths))
+    padded[:, : shard.shape[1]] = shard
+    parts = [torch.empty_like(padded) for _ in widths]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:, :w] for p, w in zip(parts, widths)], dim=1)
+
+
+__all__ = ["column_range", "column_widths", "gather_columns", "sharded_bag"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed.columns import column_range, sharded_bag
+from ..distributed.columns import column_range, gather_columns, sharded_bag
 from ..ops.embedding_bag import weighted_embedding_bag
 from .learned_memory import LearnedMemory
 from .names import renamed, warn_renamed
@@ -51,7 +51,8 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
             average, as DDP/FSDP average the replicated parameters (``query``, ``keys``, ...). The
             shard is per rank: ``memlayers.distributed.prepare_ddp`` keeps DDP off it, and
             ``memlayers.distributed.state_dict`` checkpoints it per rank. ``load_state_dict`` takes
-            this rank's shard or the whole ``[n * n, value_dim]`` table (it keeps its own columns).
+            this rank's shard or the whole ``[n * n, value_dim]`` table (it keeps its own columns);
+            ``full_values()`` gathers the whole table (to reshard onto another number of ranks).
 
     Example:
         >>> import torch, memlayers as ml
@@ -159,6 +160,14 @@ class ProductKeyMemory(nn.Module, LearnedMemory):
         if self.out_proj is not None:
             read = self.out_proj(read.to(self.out_proj.weight.dtype))
         return read.reshape(*lead, read.shape[-1])
+
+    @torch.no_grad()
+    def full_values(self) -> torch.Tensor:
+        """The whole ``[n * n, value_dim]`` table (a sharded layer gathers its group's columns: every rank
+        calls), e.g. to save an unsharded checkpoint or to reshard onto another number of ranks."""
+        if self.process_group is None:
+            return self.values.detach().clone()
+        return gather_columns(self.values.detach(), self.value_dim, self.process_group)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

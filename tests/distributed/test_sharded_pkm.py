@@ -41,6 +41,7 @@ def _worker(rank, init_file):
             assert sharded.values.shape == (full.num_values, stop - start)
             sharded.load_state_dict(full.state_dict())  # the whole table: each rank keeps its columns
             assert torch.equal(sharded.values, full.values[:, start:stop])
+            assert torch.equal(sharded.full_values(), full.values)  # the group's columns, gathered
 
             out_dim = full.dim
             xs = [_data(10 + r, leads[r], full.dim) for r in range(WORLD)]
