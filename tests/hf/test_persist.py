@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import memlayers.hf as mm
+from memlayers.hf.state import installed
 from memlayers.memory.protocol import memory_modules
 from memlayers.ops.utils.testing import rel_err
 
@@ -56,10 +57,13 @@ def test_titans_row_reset_equals_a_fresh_model_that_memorized_only_the_new_text(
     a, b, c, rest = (ids[:, :la], ids[:, la:la + lb], ids[:, la + lb:la + lb + lc], ids[:, la + lb + lc:])
     mm.memorize(model, a, chunk_size=8)
     mm.memorize(model, b, chunk_size=8)
-    kept = {k: v[0].clone() for k, v in model.state_dict().items() if "titans_memory." in k and v.dim()
-            and v.shape[0] == 2}
+    def row0():
+        return {f"{i}.{n}": b[0].clone() for i, layer in enumerate(model.model.layers)
+                for n, b in layer.titans_memory.named_buffers()}
+
+    kept = row0()
     mm.reset_memory(model, rows=[1])
-    assert all(torch.equal(model.state_dict()[k][0], v) for k, v in kept.items())  # row 0 untouched
+    assert all(torch.equal(v, kept[k]) for k, v in row0().items())  # row 0 untouched, bit for bit
     mm.memorize(model, c, chunk_size=8)
     mm.memorize(fresh, c[1:], chunk_size=8)
     for layer, ref in zip(model.model.layers, fresh.model.layers):
@@ -97,13 +101,7 @@ def _saved(tmp_path, family="llama"):
 
 
 def _unchanged(model, ids, before):
-    return not mm_installed(model) and torch.equal(logits(model, ids), before)
-
-
-def mm_installed(model):
-    from memlayers.hf.state import installed
-
-    return installed(model)
+    return not installed(model) and torch.equal(logits(model, ids), before)
 
 
 def test_load_memory_refuses_another_model_family_and_leaves_the_model_as_it_was(tmp_path):
@@ -165,4 +163,4 @@ def test_a_failed_save_leaves_no_checkpoint_without_its_memory_file(tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         mm.save_pretrained(model, tmp_path / "saved")
     assert not (tmp_path / "saved").exists()  # failed before anything was written
-    assert len(mm_installed(model)) == 2  # still attached
+    assert len(installed(model)) == 2  # still attached
