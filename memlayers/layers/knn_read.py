@@ -115,7 +115,10 @@ def _attend_memories(q, q_rot, keys, values, positions, indices, *, memory_dtype
         cos, sin = rope.get(max_position, q.device)
         q_mem = q_rot
         kwargs = dict(mem_positions=positions, rotary_cos=cos, rotary_sin=sin)
-    return memory_attention(q_mem.to(memory_dtype), keys, values, indices, scale=scale, backend=backend, **kwargs)
+    # The indices come from a search of these same buffers (or are -1): no per-call range check, which
+    # would read the device on every decode step.
+    return memory_attention(q_mem.to(memory_dtype), keys, values, indices, scale=scale, backend=backend,
+                            validate=False, **kwargs)
 
 
 def combine_memory(
