@@ -57,7 +57,7 @@ SCALES = {
     # One GPU: 200 facts in 5 batches, 512^2 = 262144 slots per memory.
     "full": dict(facts=200, batches=5, train_questions=3, heldout_questions=2, steps=120, batch_size=32,
                  pkm_layers=[12, 18], num_keys=512, top_k=32, heads=4, slots_per_fact=256, lora_rank=16,
-                 lrs={"sparse_memory": [0.03, 0.1, 0.3], "dense_memory": [0.003, 0.01, 0.03], "lora": [3e-4, 1e-3, 3e-3],
+                 lrs={"sparse_memory": [0.1, 0.3, 1.0], "dense_memory": [0.01, 0.03, 0.1], "lora": [3e-4, 1e-3, 3e-3],
                       "full": [1e-5, 3e-5, 1e-4]}),
 }
 
