@@ -204,7 +204,8 @@ class KNNMemoryAttention(nn.Module, MemoryModule):
         # size): make room of the saved shapes first; KNNMemory rebuilds its own buffers to fit.
         if self.memory is None and f"{prefix}memory.count" in state_dict:
             saved = state_dict[f"{prefix}memory.count"]
-            self.setup_memory(saved.shape[0], device=saved.device)
+            # On the layer's device, wherever the checkpoint was read (load_state_dict copies across).
+            self.setup_memory(saved.shape[0])
         for name in _XL:
             t = state_dict.get(prefix + name)
             if t is not None and (getattr(self, name) is None or getattr(self, name).shape != t.shape):
