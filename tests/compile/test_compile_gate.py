@@ -43,16 +43,10 @@ SPILL_BUDGET: dict = {}
 ISSUE = "issue 13"
 _TITANS_SMEM = f"{ISSUE}: Titans kernel holds whole state matrices per program, past the shared-memory limit"
 _TITANS_SPILLS = f"{ISSUE}: Titans kernel holds whole state matrices per program in registers and spills"
-_INSTALLED = ("triton-installed",)
 # case id -> (reason, toolchains or None for all, archs or None for all). Each entry was measured (2-core
 # VM, triton 3.6.0 and 3.9.0) except the Titans real-dim ones at triton 3.9, taken from the 3.6 figures
 # of issue 13.
 KNOWN_FAILURES = {
-    "memory_attention-bwd-bf16-d128-k=32-mem_grad=1-rotary=1": (
-        f"{ISSUE}: spills 8-476 bytes with triton 3.9 (none with 3.6)", _INSTALLED, None),
-    "memory_attention-fwd-fp32-d64-k=8-rotary=0": (f"{ISSUE}: fp32 gathered tile spills with triton 3.9", _INSTALLED, None),
-    "memory_attention-bwd-fp32-d64-k=8-mem_grad=0-rotary=0": (
-        f"{ISSUE}: fp32 gathered tile spills with triton 3.9", _INSTALLED, None),
     "titans-bwd-bf16-d16-chunk=16-depth=1": (_TITANS_SPILLS, None, None),
     "titans-fwd-bf16-d128-chunk=64-depth=1": (_TITANS_SMEM, None, None),
     "titans-bwd-bf16-d128-chunk=64-depth=1": (_TITANS_SMEM, None, None),

@@ -220,13 +220,22 @@ def _num_warps(block_d: int, block_dv: int) -> int:
     return 8 if max(block_d, block_dv) >= 128 else 4
 
 
-def _blocks(T: int, k: int, D: int, Dv: int) -> Tuple[int, int, int, int]:
+def _blocks(T: int, k: int, D: int, Dv: int, elem_size: int, backward: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_K, BLOCK_D, BLOCK_DV). The gathered [BLOCK_T, BLOCK_K, BLOCK_D] tile of a program
+    sits in registers (as fp32, with a 64-bit address per element). On a GPU it holds 8K elements for
+    a 16-bit forward and 4K for fp32; the backward, which also holds the value rows, the scatter
+    addresses and (rotary) the cos/sin rows, 2K (16-bit) or 1K (fp32) in chunks of at most 16 slots.
+    At twice these, kernels spilled 8-800 bytes per thread (ptxas, triton 3.6/3.9, sm_90/sm_80). The
+    interpreter is faster with fewer, larger programs."""
     block_d = triton.next_power_of_2(D)
     block_dv = triton.next_power_of_2(Dv)
-    block_k = min(triton.next_power_of_2(k), 32)
-    # Keep the gathered [BLOCK_T, BLOCK_K, BLOCK_D] tile near 8K fp32 registers on a GPU; the interpreter
-    # is faster with fewer, larger programs.
-    budget = (1 << 17) if interpreter_enabled() else (1 << 13)
+    if interpreter_enabled():
+        budget, max_block_k = 1 << 17, 32
+    elif backward:
+        budget, max_block_k = (1 << 10) if elem_size == 4 else (1 << 11), 16
+    else:
+        budget, max_block_k = (1 << 12) if elem_size == 4 else (1 << 13), 32
+    block_k = min(triton.next_power_of_2(k), max_block_k)
     block_t = max(1, min(triton.next_power_of_2(T), budget // (block_k * max(block_d, block_dv))))
     return block_t, block_k, block_d, block_dv
 
@@ -252,7 +261,8 @@ def _launch(kernel, q, mem_keys, mem_values, indices, mem_positions, cos, sin, *
     else:
         pos, cos, sin = mem_positions.contiguous(), cos.contiguous(), sin.contiguous()
         stride_pb, stride_cp = pos.stride(0), cos.stride(0)
-    block_t, block_k, block_d, block_dv = _blocks(T, k, D, Dv)
+    block_t, block_k, block_d, block_dv = _blocks(T, k, D, Dv, q.element_size(),
+                                                  backward=kernel is memory_attention_bwd_kernel)
     kernel[(triton.cdiv(T, block_t), B * Hq)](
         q, mem_keys, mem_values, indices, pos, cos, sin,
         Hq, Hq // Hkv, T, k, D, Dv,
