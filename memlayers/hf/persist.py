@@ -9,8 +9,9 @@ modules are swapped back in for the save, so the checkpoint loads anywhere), plu
   parameters and states, the per-row counts of memorized tokens), named by the path of the owning
   wrapper in the model (``model.layers.1.self_attn.memory.keys``, ``model.rotary_emb.offset``).
 
-Both files are serialized before anything is written and each lands atomically (a temporary file
-renamed into place), so a failed save leaves no checkpoint without its memory file.
+Both files are serialized before anything is written, each lands atomically (a temporary file
+renamed into place), and they are written before the model's checkpoint: a failed save leaves no
+checkpoint without its memory file.
 ``from_pretrained`` loads the model with transformers, re-attaches, and restores those tensors.
 """
 from __future__ import annotations
@@ -90,14 +91,16 @@ def save_pretrained(model, save_directory: Union[str, os.PathLike], **kwargs) ->
     config_bytes = (json.dumps(meta, indent=2) + "\n").encode()
     state_bytes = serialize(tensors, metadata={"format": FORMAT})  # fails here, before anything is written
 
+    # The memory files first: a folder that holds the model's checkpoint holds its memories too.
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / STATE_NAME, state_bytes)
+    _write_atomic(directory / CONFIG_NAME, config_bytes)
     installed_slots = uninstall(model)
     try:
         model.save_pretrained(save_directory, **kwargs)
     finally:
         install(model, installed_slots)
-    directory = Path(save_directory)
-    _write_atomic(directory / STATE_NAME, state_bytes)
-    _write_atomic(directory / CONFIG_NAME, config_bytes)
 
 
 def _read_meta(directory: Path) -> dict:

@@ -164,3 +164,12 @@ def test_a_failed_save_leaves_no_checkpoint_without_its_memory_file(tmp_path, mo
         mm.save_pretrained(model, tmp_path / "saved")
     assert not (tmp_path / "saved").exists()  # failed before anything was written
     assert len(installed(model)) == 2  # still attached
+    monkeypatch.undo()
+
+    import memlayers.hf.persist as persist
+
+    monkeypatch.setattr(persist, "_write_atomic", fail)
+    with pytest.raises(OSError, match="disk full"):
+        mm.save_pretrained(model, tmp_path / "saved2")
+    assert not (tmp_path / "saved2" / "config.json").exists()  # no model checkpoint without its memories
+    assert len(installed(model)) == 2
