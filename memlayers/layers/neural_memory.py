@@ -436,8 +436,8 @@ class StatefulNeuralMemory(nn.Module, MemoryModule):
                 return None
             return (t if rows is None else t[rows]).clone()
 
-        def take_all(ts):
-            return None if ts is None else tuple(take(t) for t in ts)
+        def take_all(ts):  # memories in fp32, whatever dtype the module was cast to
+            return None if ts is None else tuple(take(t).float() for t in ts)
 
         pend = tuple(None if t is None else take(t)[:, :, :pending] if pending else None
                      for t in (self.pending_k, self.pending_v, self._pending("theta"), self._pending("alpha"),

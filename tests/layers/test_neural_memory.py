@@ -211,6 +211,9 @@ def test_stateful_state_dict_round_trip_moves_and_saves_without_shared_storage(t
         assert torch.equal(other(nxt), smem(nxt))
     moved = other.to(torch.float64)
     assert moved.weights_0.dtype == torch.float64 and moved.pending_k.dtype == torch.float64
+    with torch.no_grad():  # a module cast to bf16 keeps learning (memories computed in fp32)
+        half = _stateful().to(torch.bfloat16)
+        assert half(nxt.bfloat16()).dtype == torch.bfloat16 and bool(half.weights_0.isfinite().all())
     bad = dict(sd, pending_len=torch.full((3,), 16))
     fresh = _stateful()
     with pytest.raises(RuntimeError, match="pending_len"):
