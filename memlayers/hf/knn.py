@@ -55,6 +55,7 @@ class KNNAttention(BaseLayerWrapper):
         else:
             self.gate = None
         object.__setattr__(self, "positions", positions)
+        self.train(base_layer.training)  # the model's mode: an eval model gets an eval wrapper
 
     # ------------------------------------------------------------------ the memory
     def ensure_memory(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -66,6 +67,7 @@ class KNNAttention(BaseLayerWrapper):
             return
         self.memory = KNNMemory(batch_size, self.kv_heads, self.head_dim, capacity=cfg.capacity,
                                 index=cfg.index, metric=cfg.metric, backend=cfg.backend, device=device, dtype=dtype)
+        self.memory.train(self.training)
 
     def holds_memories(self) -> bool:
         # The store's host-side high-water mark: no device read per layer and step.

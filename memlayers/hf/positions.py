@@ -47,6 +47,7 @@ class PositionShift(nn.Module):
         # Rotary tables for positions 0..P-1 made by the model's own rotary embedding (it may scale
         # frequencies or carry an attention scaling): the kNN read rotates stored keys with them.
         self.rope = RotaryCache(0, tables=self._model_tables) if rotary else None
+        self.train(base_layer.training)  # the model's mode
 
     def _device(self) -> torch.device:
         for t in list(self.base_layer.parameters()) + list(self.base_layer.buffers()):

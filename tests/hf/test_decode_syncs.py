@@ -35,11 +35,6 @@ def _reads_per_step(model, prompt, host_reads):
     return (counts[1] - counts[0]) / 4
 
 
-KNN_OP_CHECK = pytest.mark.xfail(
-    strict=True, reason="memlayers.ops.memory_attention checks its indices and positions with one host read per "
-    "call (a tolist), once per kNN layer and decode step; the kNN read path needs a way to skip that check "
-    "for indices that come from KNNMemory.search")
-
 CONFIGS = {
     "llama-titans-dkvb": ("llama", [mm.TitansMemoryConfig(layers=[0], chunk_size=16, backend="torch"),
                                     mm.DKVBConfig(layers=[1], num_codebooks=4, num_keys=16, key_dim=8,
@@ -49,9 +44,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("case", [
-    "llama-titans-dkvb", pytest.param("llama-knn", marks=KNN_OP_CHECK), pytest.param("gpt2-knn", marks=KNN_OP_CHECK),
-])
+@pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_decode_steps_read_nothing_more_than_without_memory(case, host_reads):
     family, configs = CONFIGS[case]
     model = tiny_model(family)
