@@ -9,7 +9,8 @@ ring fills slots 0..count-1 first.
 
 Search: each rank searches its stripe exactly, its top-k become global slot ids, the ranks all-gather
 scores and ids and keep the k best (the same top-k as one unsharded memory); positions, keys and values
-are then fetched for the winners only: each owner contributes its winners and one all-reduce sums them.
+are then fetched for the winners only, each sent by its owner (``fetch_winners``), as bytes in their own
+dtype, in one collective per search.
 """
 from __future__ import annotations
 
@@ -99,9 +100,39 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, group) -> Tuple[
     return best, best_ids.masked_fill(best == float("-inf"), -1)
 
 
-def sum_over_ranks(x: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce a tensor in which one rank holds each element and the others zeros (exact in fp32)."""
-    wide = x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
-    wide = wide.clone()
-    dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=group)
-    return wide.to(x.dtype)
+def fetch_winners(rows: torch.Tensor, owner: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's copy of the winners' rows, each row sent by the rank that owns it.
+
+    Args:
+        rows: ``[N, E]`` uint8, the winners' rows; only those this rank owns are read.
+        owner: ``[N]`` the rank owning each winner, the same on every rank (``-1``: a missing winner,
+            whose row comes back as zeros).
+
+    Each rank packs its own winners (in winner order) and the ranks all-gather the packs, padded to
+    the largest; the owners' counts, known to every rank from ``owner``, place each received row. That
+    moves ``(W - 1) * max_r n_r`` rows per rank, ``N (W - 1) / W`` when the winners are spread evenly,
+    against ``2 N (W - 1) / W`` for an all-reduce. When one rank owns most winners the padding would
+    cost more than that, and the rows go by an all-reduce of the byte rows instead (exact: every byte
+    is non-zero on its owner only, and adding zeros changes nothing). Both ways send rows in their own
+    dtype, as bytes: no widening. One host read per call (the ``W`` counts, to size the buffers).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    N, E = rows.shape
+    key = torch.where(owner >= 0, owner, torch.full_like(owner, world))  # missing winners sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=world + 1)[:world].tolist()
+    width, start = max(counts), sum(counts[:rank])
+    if width == 0:  # nothing found anywhere: the same on every rank, so no rank enters a collective
+        return torch.zeros_like(rows)
+    if width * world > 2 * N:
+        summed = torch.where((key == rank)[:, None], rows, torch.zeros_like(rows))
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        return summed
+    send = rows.new_zeros(width, E)
+    send[: counts[rank]] = rows.index_select(0, order[start : start + counts[rank]])
+    received = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(received, send, group=group)
+    packed = torch.cat([r[:c] for r, c in zip(received, counts)])  # the found winners, in `order`
+    out = torch.zeros_like(rows)
+    out[order[: packed.shape[0]]] = packed
+    return out

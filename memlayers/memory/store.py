@@ -33,7 +33,7 @@ from .index_options import check_index_options
 from .names import FAISS_INDEXES, store_names, upgrade_config
 from .protocol import MemoryModule, row_mask
 from .result import KNNSearchResult
-from .sharding import Stripe, assemble, merge_topk, sum_over_ranks
+from .sharding import Stripe, assemble, fetch_winners, merge_topk
 from .state import STATE_NAMES, check_state
 
 
@@ -439,14 +439,20 @@ class KNNMemory(nn.Module, MemoryModule):
                                        metric=self.metric, backend=self.backend)
         scores, indices = merge_topk(scores, stripe.global_slots(local), k, group)
         mask = indices >= 0
-        mine = mask & (indices % stripe.world == stripe.rank)
-        safe = torch.where(mine, indices // stripe.world, torch.zeros_like(indices))
-        positions = self.positions.gather(1, safe.reshape(B, -1)).reshape(B, Hq, T, k).masked_fill(~mine, 0)
-        positions = sum_over_ranks(positions, group).masked_fill(~mask, -1)
+        owner = torch.where(mask, indices % stripe.world, torch.full_like(indices, -1))
+        safe = torch.where(owner == stripe.rank, indices // stripe.world, torch.zeros_like(indices))
+        # One row of bytes per winner: position, then key and value (with gather) in the memory's dtype.
+        parts = [self.positions.gather(1, safe.reshape(B, -1)).reshape(-1, 1)]
+        if gather:
+            parts += [self._gather(buf, safe, mask).reshape(parts[0].shape[0], -1) for buf in (self.keys, self.values)]
+        widths = [p.shape[1] * p.element_size() for p in parts]
+        rows = fetch_winners(torch.cat([p.view(torch.uint8) for p in parts], dim=1), owner.reshape(-1), group)
+        fetched = [r.contiguous().view(p.dtype) for r, p in zip(rows.split(widths, dim=1), parts)]
+        positions = fetched[0].reshape(B, Hq, T, k).masked_fill(~mask, -1)
         result = KNNSearchResult(scores=scores, indices=indices, positions=positions, mask=mask)
-        if gather:  # the winners' owners contribute them
-            result.keys = sum_over_ranks(self._gather(self.keys, safe, mine), group)
-            result.values = sum_over_ranks(self._gather(self.values, safe, mine), group)
+        if gather:
+            result.keys = fetched[1].reshape(B, Hq, T, k, self.dim)
+            result.values = fetched[2].reshape(B, Hq, T, k, self.value_dim)
         return result
 
     def _gather(self, buf: torch.Tensor, safe: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

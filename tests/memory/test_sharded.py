@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import memlayers as ml
-from memlayers.memory.sharding import Stripe
+from memlayers.memory.sharding import Stripe, fetch_winners
 
 WORLD, B, H, HQ, D, DV, C, K = 2, 3, 2, 4, 16, 8, 37, 6  # odd capacity: ranks hold 19 and 18 slots
 STEPS = [5, 1, 13, 60, 3, 1, 7, 9]  # 60 > C: an add longer than the ring
@@ -87,3 +87,24 @@ def test_stripe_writes_cover_every_token_once(C, W):
 def test_process_group_needs_the_exact_index():
     with pytest.raises(ValueError, match="exact"):
         ml.KNNMemory(1, 1, 4, index="flat", process_group=object())
+
+
+def _fetch_worker(rank, init_file, world):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        truth = torch.randint(1, 256, (40, 13), dtype=torch.uint8, generator=gen)  # the same on every rank
+        spread = torch.randint(-1, world, (40,), generator=gen)  # all-gather of the owners' packs
+        skewed = torch.where(torch.arange(40) % 10 == 0, spread, torch.zeros(40, dtype=torch.long))  # all-reduce
+        for owner in (spread, skewed, torch.full((40,), -1)):
+            mine = torch.where((owner == rank)[:, None], truth, torch.randint_like(truth, 256))  # others: junk
+            got = fetch_winners(mine, owner, dist.group.WORLD)
+            assert torch.equal(got, truth.masked_fill((owner < 0)[:, None], 0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fetch_winners_returns_each_owners_rows(tmp_path):
+    # Three ranks, so that both ways run: evenly spread owners (all-gather) and one rank owning most (all-reduce).
+    mp.spawn(_fetch_worker, args=(str(tmp_path / "init"), 3), nprocs=3, join=True)
