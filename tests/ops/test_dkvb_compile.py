@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
         compile_for_h100(dk.dkvb_fwd_kernel, dict(Q="*fp32", KEYS="*fp32", VALS="*fp32", MASK="*i8", OUT="*fp32", IDX="*i64",
             **i32("B", "N", "DK", "DV", "stride_qb", "stride_qc", "stride_kc", "stride_kn", "stride_vc", "stride_vn",
                   "stride_mc", "stride_ob", "stride_oc", "stride_ib", "stride_ic")),
-            dict(TOPK=topk, K_PAD=max(2, topk), HAS_MASK=mask, BLOCK_B=32, BLOCK_N=64, BLOCK_DK=16, BLOCK_DV=16))
+            dict(TOPK=topk, K_PAD=max(2, topk), HAS_MASK=mask, PREC="tf32x3", UPCAST=False, BLOCK_B=32, BLOCK_N=64, BLOCK_DK=16, BLOCK_DV=16))
     print("compiled")
     """
 )

@@ -3,8 +3,10 @@
 Read top to bottom: kernel, host forward/backward, autograd Function, public function.
 
 One program owns (codebook c, block of BLOCK_B inputs). It streams the codebook's keys in BLOCK_N
-tiles: distances ``||k||^2 - 2 q.k`` come from one ``tl.dot`` per tile (fp32, ieee, so the choice of
-nearest key agrees with the fp32 reference), and a running top-k set of ``k`` (distance, index)
+tiles: distances ``||k||^2 - 2 q.k`` come from one ``tl.dot`` per tile with fp32 accumulation, at
+about fp32 accuracy so that the choice of nearest key agrees with the fp32 reference: 16-bit operands
+as they are (their products are exact in fp32), fp32 ones as split-precision tf32x3 products (~2e-7
+relative error; full-precision "ieee" dots keep their operands in registers and spilled). And a running top-k set of ``k`` (distance, index)
 pairs per row is updated by ``k`` rounds of min-extraction from the tile, each replacing the set's
 worst entry when better. The interpreter runs these rounds fast, unlike tl.sort/tl.topk, and k is
 small in the DKVB. Neither the ``[C, B, N]`` distances nor a one-hot ever exist. Finally the set is
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..embedding_bag.triton import embedding_bag_weight_grad
+from ..utils.dispatch import interpreter_enabled
 
 
 @triton.jit
@@ -30,7 +33,7 @@ def dkvb_fwd_kernel(
     Q, KEYS, VALS, MASK, OUT, IDX, B, N, DK, DV,
     stride_qb, stride_qc, stride_kc, stride_kn, stride_vc, stride_vn, stride_mc,
     stride_ob, stride_oc, stride_ib, stride_ic,
-    TOPK: tl.constexpr, K_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
@@ -39,7 +42,8 @@ def dkvb_fwd_kernel(
     rb64 = rb.to(tl.int64)
     rdk = tl.arange(0, BLOCK_DK)
     q = tl.load(Q + rb64[:, None] * stride_qb + c * stride_qc + rdk[None, :], mask=mb[:, None] & (rdk < DK)[None, :], other=0.0)
-    q = q.to(tl.float32)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     slot = tl.arange(0, K_PAD)
     # Padding slots hold -inf so that they are never the "worst" entry and never get replaced.
@@ -50,9 +54,12 @@ def dkvb_fwd_kernel(
         rn = n0 + cols
         mn = rn < N
         k = tl.load(KEYS + c * stride_kc + rn.to(tl.int64)[:, None] * stride_kn + rdk[None, :],
-                    mask=mn[:, None] & (rdk < DK)[None, :], other=0.0).to(tl.float32)
-        k_sq = tl.sum(k * k, axis=1)
-        dist = k_sq[None, :] - 2.0 * tl.dot(q, tl.trans(k), input_precision="ieee")
+                    mask=mn[:, None] & (rdk < DK)[None, :], other=0.0)
+        kf = k.to(tl.float32)
+        k_sq = tl.sum(kf * kf, axis=1)
+        if UPCAST:
+            k = kf
+        dist = k_sq[None, :] - 2.0 * tl.dot(q, tl.trans(k), input_precision=PREC)
         ok = mn
         if HAS_MASK:
             ok = ok & (tl.load(MASK + c * stride_mc + rn, mask=mn, other=0) != 0)
@@ -103,14 +110,22 @@ def dkvb_fwd(
     if B == 0 or C == 0:
         return out, indices
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else keys  # dummy pointer when absent
-    BLOCK_B, BLOCK_N = 32, 64
+    BLOCK_B = 32
+    block_dk = max(16, triton.next_power_of_2(Dk))
+    # Key tiles of at most 4K elements: wider ones spilled (head dim 256, ptxas sm_90/sm_80).
+    BLOCK_N = max(16, min(64, 4096 // block_dk))
+    interpret = interpreter_enabled()
+    # The interpreter's tl.dot is wrong for bf16 operands (triton 3.9) and ignores the precision flag:
+    # there every operand is fp32 and the dot plain fp32.
+    upcast = interpret and queries.dtype != torch.float32
+    prec = "ieee" if interpret else ("tf32x3" if queries.dtype == torch.float32 else "tf32")
     grid = (C, triton.cdiv(B, BLOCK_B))
     dkvb_fwd_kernel[grid](
         queries, keys, values, mask, out, indices, B, N, Dk, Dv,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         mask.stride(0), out.stride(0), out.stride(1), indices.stride(0), indices.stride(1),
-        TOPK=k, K_PAD=max(2, triton.next_power_of_2(k)), HAS_MASK=key_mask is not None,
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
+        TOPK=k, K_PAD=max(2, triton.next_power_of_2(k)), HAS_MASK=key_mask is not None, PREC=prec, UPCAST=upcast,
+        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_DK=block_dk,
         BLOCK_DV=triton.next_power_of_2(Dv), num_warps=4,
     )
     return out, indices

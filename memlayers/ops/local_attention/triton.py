@@ -252,7 +252,8 @@ def _tiles(T: int, S: int, block_d: int, block_dv: int, elem_size: int, backward
         if block_d <= 64:
             return 64, 64, 4, 2
         # head dim 128: 32 queries a step, or the dk/dv program spilled 8-72 bytes (ptxas, 8 warps)
-        return (32, 64, 8, 2) if narrow else (32, 32, 4, 2)
+        # head dim 256: 8 warps, one stage (4 warps, two stages spilled 16-80 bytes)
+        return (32, 64, 8, 2) if narrow else (32, 32, 8, 1)
     return (128, 64, 4 if block_d <= 64 else 8, 3) if narrow else (64, 32, 4, 2)
 
 
