@@ -138,6 +138,9 @@ LARGEST = ("mlp", "bwd", 128, "bfloat16", 512)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_compile(), reason="this Triton build cannot compile for CUDA (no nvidia backend/ptxas)")
+# Opt-in: a cold compile of this kernel took 7-8 minutes per arch on the shared 2-core CPU VM
+# (15 min for both, measured), beyond the suite's budget; the compile gate or a GPU run sets it.
+@pytest.mark.skipif(os.environ.get("MEMLAYERS_TITANS_FIT") != "1", reason="set MEMLAYERS_TITANS_FIT=1 (cold compile: minutes)")
 @pytest.mark.parametrize("cc", [90, 80])
 def test_largest_titans_kernel_fits_in_shared_memory(cc):
     (r,) = _compile_in_subprocess([list(LARGEST) + [cc]])
