@@ -6,9 +6,9 @@ One program owns (codebook c, block of BLOCK_B inputs). It streams the codebook'
 tiles: distances ``||k||^2 - 2 q.k`` come from one ``tl.dot`` per tile with fp32 accumulation, at
 about fp32 accuracy so that the choice of nearest key agrees with the fp32 reference: 16-bit operands
 as they are (their products are exact in fp32), fp32 ones as split-precision tf32x3 products (~2e-7
-relative error; full-precision "ieee" dots keep their operands in registers and spilled). And a running top-k set of ``k`` (distance, index)
-pairs per row is updated by ``k`` rounds of min-extraction from the tile, each replacing the set's
-worst entry when better. The interpreter runs these rounds fast, unlike tl.sort/tl.topk, and k is
+relative error; full-precision "ieee" dots keep their operands in registers and spilled). A running
+top-k set of ``k`` (distance, index) pairs per row is updated by ``k`` rounds of min-extraction from
+the tile, each replacing the set's worst entry when better. The interpreter runs these rounds fast, unlike tl.sort/tl.topk, and k is
 small in the DKVB. Neither the ``[C, B, N]`` distances nor a one-hot ever exist. Finally the set is
 emitted nearest first and the chosen value rows are gathered and averaged in fp32.
 
