@@ -7,6 +7,17 @@ Slot ids stay in step with the ring buffer in one of two ways:
   sequential ids are the slot ids; once a write evicts anything the index is marked stale and rebuilt
   from the buffer, in slot order, before the next search.
 
+Several GPUs (``index_options["gpus"]``, two or more) hold one index through faiss's own composite
+indexes, built from one GPU index per device (``index_cpu_to_gpu``): ``multi_gpu="shard"`` an
+``IndexShards`` (each GPU holds part of the vectors; every query goes to all, results merged), or
+``"replicate"`` an ``IndexReplicas`` (each GPU holds every vector and searches a part of the queries).
+Both follow the rebuild scheme: neither composite removes ids. ``IndexShards`` with sequential ids
+accepts a single add pass, so its parts take explicit slot ids (``add_with_ids``; a flat part wrapped
+in ``IndexIDMap``) and appends need no rebuild; ``IndexReplicas`` adds in slot order to every
+replica. An eviction costs a rebuild of the (row, head) from the buffer, as on one GPU. faiss cannot
+serialize the composites: their state dict has no FAISS entries, and a loaded or copied memory rebuilds
+them from its buffer (IVF retrains, deterministically) before its first search.
+
 IVF indexes train (deterministically: FAISS seeds its k-means) once a row/head holds ``train_size``
 vectors; until then that row/head is searched exactly. faiss is imported here only.
 """
@@ -44,14 +55,22 @@ class FaissIndexSet:
         self.nlist, self.nprobe, self.train_size = options.get("nlist"), options.get("nprobe"), options.get("train_size")
         self.hnsw_m, self.ef_search = options.get("hnsw_m"), options.get("ef_search")
         use_gpu = options.get("use_gpu") if index_type != "hnsw" else False  # faiss has no GPU HNSW
+        gpus = options.get("gpus")
+        if gpus is not None:  # checked in index_options: distinct ids, use_gpu not False
+            if _gpu_count(faiss) < len(gpus) or max(gpus) >= _gpu_count(faiss):
+                raise ValueError(f"index_options['gpus'] is {gpus} but this faiss build sees "
+                                 f"{_gpu_count(faiss)} GPU(s)")
+            use_gpu = True
         if use_gpu is None:
             use_gpu = device.type == "cuda" and _gpu_count(faiss) > 0
         if use_gpu and _gpu_count(faiss) == 0:
             raise ValueError("index_options['use_gpu'] is True but this faiss build has no GPU support")
         self.use_gpu = bool(use_gpu)
-        self.gpu_device = (device.index or 0) if device.type == "cuda" else 0
-        self._gpu_resources = faiss.StandardGpuResources() if self.use_gpu else None
+        self.gpus = list(gpus) if gpus is not None else [(device.index or 0) if device.type == "cuda" else 0]
+        self.split = options.get("multi_gpu") if len(self.gpus) > 1 else None  # None: one index, one device
+        self._gpu_resources = [faiss.StandardGpuResources() for _ in self.gpus] if self.use_gpu else None
         self.incremental = index_type in ("flat", "ivf") and not self.use_gpu
+        self.explicit_ids = self.incremental or self.split == "shard"  # ids passed to add_with_ids
         self._faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
         self.indexes = [[self._new_index() for _ in range(heads)] for _ in range(batch_size)]
         self.stale = np.zeros((batch_size, heads), dtype=bool)
@@ -71,13 +90,30 @@ class FaissIndexSet:
         index.hnsw.efSearch = self.ef_search
         return index
 
+    def _to_gpu(self, part: int, cpu_index):
+        return _faiss().index_cpu_to_gpu(self._gpu_resources[part], self.gpus[part], cpu_index)
+
     def _to_device(self, cpu_index):
         if not self.use_gpu:
             return cpu_index
-        return _faiss().index_cpu_to_gpu(self._gpu_resources, self.gpu_device, cpu_index)
+        return self._to_gpu(0, cpu_index)
 
     def _new_index(self):
-        return self._to_device(self._new_cpu_index())
+        if self.split is None:
+            return self._to_device(self._new_cpu_index())
+        faiss = _faiss()
+        parts = [self._to_gpu(i, self._new_cpu_index()) for i in range(len(self.gpus))]
+        if self.split == "shard":
+            if self.index_type == "flat":  # a GPU flat index takes no ids of its own
+                parts = [faiss.IndexIDMap(p) for p in parts]
+            index = faiss.IndexShards(self.D, True, False)  # threaded, explicit ids
+            for p in parts:
+                index.add_shard(p)
+        else:
+            index = faiss.IndexReplicas(self.D, True)
+            for p in parts:
+                index.addIndex(p)  # (faiss's Python layer keeps the parts of add_shard/addIndex alive)
+        return index
 
     def _vectors(self, x: torch.Tensor) -> np.ndarray:
         v = np.ascontiguousarray(x.detach().float().cpu().numpy())
@@ -87,7 +123,10 @@ class FaissIndexSet:
 
     # ------------------------------------------------------------------ keeping in step
     def _needs_training(self, index) -> bool:
-        return not index.is_trained
+        if self.split is None:
+            return not index.is_trained
+        # A composite's own is_trained is cleared by reset(); its parts keep their training.
+        return not all(index.at(i).is_trained for i in range(index.count()))
 
     def invalidate(self) -> None:
         """Mark every index stale (rebuilt from the buffer before its next search): a write that failed
@@ -117,7 +156,7 @@ class FaissIndexSet:
             if count < self.train_size:
                 return  # searched exactly until enough vectors arrive
             index.train(vecs)
-        self._add(index, vecs, np.arange(count, dtype=np.int64) if self.incremental else None)
+        self._add(index, vecs, np.arange(count, dtype=np.int64) if self.explicit_ids else None)
 
     def write(self, slots: torch.Tensor, was_valid: torch.Tensor, keys_buf: torch.Tensor, count: torch.Tensor) -> None:
         """Mirror a write that already landed in the buffer.
@@ -142,8 +181,9 @@ class FaissIndexSet:
                 if not self.incremental:
                     if evicted.size or index.ntotal + slots_np.shape[1] != counts[b]:
                         self.stale[b, h] = True
-                    elif not self.stale[b, h]:
-                        self._add(index, self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]))
+                    elif not self.stale[b, h]:  # an append: the slots written are the next ids in order
+                        self._add(index, self._vectors(keys_buf[b, h, torch.as_tensor(slots_np[b])]),
+                                  slots_np[b] if self.explicit_ids else None)
                     continue
                 if evicted.size:
                     index.remove_ids(evicted)
@@ -199,8 +239,11 @@ class FaissIndexSet:
         return _faiss().index_gpu_to_cpu(index) if self.use_gpu else index
 
     def serialize(self) -> Dict[str, torch.Tensor]:
-        """``{"<row>.<head>": uint8 tensor}``: every index as FAISS serializes it (stale ones as stale)."""
+        """``{"<row>.<head>": uint8 tensor}``: every index as FAISS serializes it (stale ones as stale);
+        nothing for indexes over several GPUs, which faiss cannot serialize (rebuilt on load)."""
         faiss = _faiss()
+        if self.split is not None:
+            return {}
         out = {}
         for b in range(self.B):
             for h in range(self.H):
@@ -244,10 +287,13 @@ class FaissIndexSet:
         """Read ``serialize``'s output for the key buffer ``keys_buf`` ([B, H, C, D]) with ``count``
         ([B]) valid slots, without adopting it.
 
-        Returns ``(indexes, stale)`` for ``adopt``. Raises ``ValueError`` naming the entry when one is
+        Returns ``(indexes, stale)`` for ``adopt``, or None for indexes over several GPUs, which are
+        rebuilt from the buffer whatever the entries hold. Raises ``ValueError`` naming the entry when one is
         missing, cannot be read, or describes another configuration (dimension, metric, index kind)
         or holds other vectors than its row and head of the buffer.
         """
+        if self.split is not None:
+            return None
         faiss = _faiss()
         wanted = {f"{b}.{h}" for b in range(self.B) for h in range(self.H)} | {"stale"}
         if set(blobs) != wanted:
@@ -296,22 +342,30 @@ class FaissIndexSet:
                 self._fill(b, h, keys_buf, counts[b])
 
     # Copies (copy.deepcopy of a model, pickling): FAISS's SWIG objects travel as their serialized bytes.
+    # Composites over several GPUs travel as nothing and are rebuilt from the buffer (marked stale).
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["indexes"] = [[_faiss().serialize_index(self._cpu(i)) for i in row] for row in self.indexes]
+        if self.split is None:
+            state["indexes"] = [[_faiss().serialize_index(self._cpu(i)) for i in row] for row in self.indexes]
+        else:
+            state["indexes"], state["stale"] = None, np.ones_like(self.stale)
         state["_gpu_resources"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self.use_gpu:
-            self._gpu_resources = _faiss().StandardGpuResources()
-        self.indexes = [[self._to_device(_faiss().deserialize_index(blob)) for blob in row] for row in self.indexes]
+            self._gpu_resources = [_faiss().StandardGpuResources() for _ in self.gpus]
+        if self.indexes is None:
+            self.indexes = [[self._new_index() for _ in range(self.H)] for _ in range(self.B)]
+        else:
+            self.indexes = [[self._to_device(_faiss().deserialize_index(blob)) for blob in row] for row in self.indexes]
 
     def nbytes(self) -> int:
         total = 0
         for row in self.indexes:
             for index in row:
-                # Stored vectors dominate: ntotal x D fp32 (graph / list overheads not counted).
-                total += index.ntotal * self.D * 4
+                # Stored vectors dominate: ntotal x D fp32 (graph / list overheads not counted), once
+                # per replica.
+                total += index.ntotal * self.D * 4 * (len(self.gpus) if self.split == "replicate" else 1)
         return total

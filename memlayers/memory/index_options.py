@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Optional
 
 _DEFAULTS = {
-    "flat": {"use_gpu": None},
-    "ivf": {"nlist": 64, "nprobe": 8, "train_size": None, "use_gpu": None},
+    "flat": {"use_gpu": None, "gpus": None, "multi_gpu": "shard"},
+    "ivf": {"nlist": 64, "nprobe": 8, "train_size": None, "use_gpu": None, "gpus": None, "multi_gpu": "shard"},
     "hnsw": {"hnsw_m": 32, "ef_search": 64},
 }
 
@@ -28,10 +28,15 @@ def check_index_options(index: str, options: Optional[dict], capacity: int) -> d
     the option.
 
     Options by index:
-        flat: ``use_gpu`` (None: when faiss has GPUs and the memory is on CUDA).
+        flat: ``use_gpu`` (None: when faiss has GPUs and the memory is on CUDA), ``gpus`` (None, or the
+            distinct GPU ids each index lives on; implies ``use_gpu``; whether faiss has them is checked
+            when the index is built) and ``multi_gpu`` (``"shard"``, the default: each of several GPUs
+            holds a part of the vectors, faiss ``IndexShards``; ``"replicate"``: each holds them all and
+            takes a part of the queries, faiss ``IndexReplicas``).
         ivf: ``nlist`` (>= 1, default 64), ``nprobe`` (>= 1, default 8; FAISS probes at most nlist),
             ``train_size`` (nlist..capacity, default ``min(max(39 * nlist, 256), capacity)``: vectors a
-            row/head gathers before its index trains; searched exactly until then), ``use_gpu``.
+            row/head gathers before its index trains; searched exactly until then), ``use_gpu``,
+            ``gpus``, ``multi_gpu``.
         hnsw: ``hnsw_m`` (>= 2, default 32), ``ef_search`` (>= 1, default 64; each search uses at least
             k, as FAISS needs to return k results).
     ``index="exact"`` takes no options.
@@ -65,4 +70,25 @@ def check_index_options(index: str, options: Optional[dict], capacity: int) -> d
         _int_at_least("ef_search", out["ef_search"], 1, "the search queue holds at least one candidate")
     if out.get("use_gpu") is not None and not isinstance(out["use_gpu"], bool):
         raise TypeError(f"index_options['use_gpu'] must be a bool or None, got {type(out['use_gpu']).__name__}")
+    if "gpus" in out:
+        out["gpus"] = _gpu_list(out["gpus"], out["use_gpu"])
+        if out["multi_gpu"] not in ("shard", "replicate"):
+            raise ValueError(f"index_options['multi_gpu'] must be 'shard' or 'replicate', got {out['multi_gpu']!r}")
     return out
+
+
+def _gpu_list(gpus, use_gpu) -> Optional[list]:
+    """``gpus`` as a list of distinct GPU ids (JSON-serializable in the memory's config), or None."""
+    if gpus is None:
+        return None
+    if not isinstance(gpus, (list, tuple)):
+        raise TypeError(f"index_options['gpus'] must be a list of GPU ids or None, got {type(gpus).__name__}")
+    if not gpus:
+        raise ValueError("index_options['gpus'] must name at least one GPU (None: the memory's device)")
+    for g in gpus:
+        _int_at_least("gpus", g, 0, "GPU ids start at 0")
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"index_options['gpus'] names a GPU twice: {list(gpus)}")
+    if use_gpu is False:
+        raise ValueError("index_options['gpus'] puts the index on GPUs, but index_options['use_gpu'] is False")
+    return list(gpus)
