@@ -74,11 +74,14 @@ class KNNMemory(nn.Module, MemoryModule):
             default) or a FAISS index: ``"flat"``, ``"ivf"`` (IVF-Flat) or ``"hnsw"``.
         metric: ``"ip"``, ``"cosine"`` or ``"l2"`` (scores are higher-is-better; l2 gives ``-||q-k||^2``).
         index_options: the FAISS index's options, checked up front (``memlayers/memory/index_options.py``):
-            flat: ``use_gpu``; ivf: ``nlist`` (default 64), ``nprobe`` (default 8), ``train_size``
-            (vectors a row/head gathers before it trains, searched exactly until then; default
-            ``min(max(39 * nlist, 256), capacity)``), ``use_gpu``; hnsw: ``hnsw_m`` (default 32),
-            ``ef_search`` (default 64, at least k per search). ``use_gpu`` defaults to: when faiss has
-            GPUs and the memory is on CUDA.
+            flat: ``use_gpu``, ``gpus``, ``multi_gpu``; ivf: ``nlist`` (default 64), ``nprobe``
+            (default 8), ``train_size`` (vectors a row/head gathers before it trains, searched exactly
+            until then; default ``min(max(39 * nlist, 256), capacity)``), ``use_gpu``, ``gpus``,
+            ``multi_gpu``; hnsw: ``hnsw_m`` (default 32), ``ef_search`` (default 64, at least k per
+            search). ``use_gpu`` defaults to: when faiss has GPUs and the memory is on CUDA. ``gpus``
+            (e.g. ``[0, 1]``) spreads each index over those GPUs, ``multi_gpu="shard"`` (faiss
+            ``IndexShards``, the default) or ``"replicate"`` (``IndexReplicas``); see
+            ``memlayers/memory/faiss_index.py`` and docs/distributed.md.
         backend: the compute backend of the exact search, passed to ``ml.knn_search``: ``"auto"``,
             ``"torch"``, ``"triton"`` or ``"native"``.
         device, dtype: where the buffers live and their dtype (fp32, fp16 or bf16).
