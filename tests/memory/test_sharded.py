@@ -36,6 +36,18 @@ def _worker(rank, init_file, out_dir):
                 ref.reset([1])
             q = torch.randn(B, HQ, 5, D)
             _assert_same_result(sharded.search(q, K), ref.search(q, K))
+        # bf16 rows travel as their own bytes (no widening); gather=False fetches positions alone.
+        low = ml.KNNMemory(B, H, D, DV, capacity=C, backend="torch", dtype=torch.bfloat16, process_group=group)
+        low_ref = ml.KNNMemory(B, H, D, DV, capacity=C, backend="torch", dtype=torch.bfloat16)
+        for T in (30, 20):
+            keys, values = torch.randn(B, H, T, D, dtype=torch.bfloat16), torch.randn(B, H, T, DV, dtype=torch.bfloat16)
+            low.add(keys, values)
+            low_ref.add(keys, values)
+        q = torch.randn(B, HQ, 5, D, dtype=torch.bfloat16)
+        a, b = low.search(q, K), low_ref.search(q, K)
+        assert a.keys.dtype == torch.bfloat16 and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        a, b = low.search(q, K, gather=False), low_ref.search(q, K, gather=False)
+        assert a.keys is None and torch.equal(a.indices, b.indices) and torch.equal(a.positions, b.positions)
         sharded.save(out_dir / f"shard{rank}.safetensors")
         if rank == 0:
             ref.save(out_dir / "ref.safetensors")
