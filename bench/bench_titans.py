@@ -43,8 +43,11 @@ def _theirs(dim, heads, memory, chunk, device):
 
 
 def _module_step(module, x, backward):
+    # Ours returns the output alone when asked to; titans-pytorch returns (y, state).
+    kwargs = {"return_state": False} if isinstance(module, nm.NeuralMemory) else {}
+
     def run():
-        out = module(x)
+        out = module(x, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
         if backward:
             y.float().square().mean().backward()

@@ -15,8 +15,8 @@ and each rank's memories hold what *its* batch rows have seen. Two torch wrapper
 Per-rank tensors are the buffers (present or future) inside memory modules with per-row state, and the
 value shards of sharded product-key memories (their gradient is averaged by the layer itself).
 Learned-table memories (DKVB, unsharded PKM) are weights, trained and synchronized like any other.
-NeuralMemory keeps its state outside the module (``y, state = mem(x, state)``): it stays per rank by
-construction.
+A functional ``NeuralMemory`` keeps its state outside the module (``mem(x, state, return_state=True)``):
+it stays per rank by construction; ``StatefulNeuralMemory`` keeps it in buffers, which are named here.
 """
 from __future__ import annotations
 
