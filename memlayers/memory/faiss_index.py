@@ -23,7 +23,7 @@ vectors; until then that row/head is searched exactly. faiss is imported here on
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -283,7 +283,8 @@ class FaissIndexSet:
         if not np.array_equal(ids[order], np.arange(count)) or not np.array_equal(vecs[order], self._vectors(keys[:count])):
             raise ValueError(f"{name} holds other vectors than its row and head of the key buffer")
 
-    def parse(self, blobs: Dict[str, torch.Tensor], keys_buf: torch.Tensor, count: torch.Tensor) -> Tuple[list, np.ndarray]:
+    def parse(self, blobs: Dict[str, torch.Tensor], keys_buf: torch.Tensor,
+              count: torch.Tensor) -> Optional[Tuple[list, np.ndarray]]:
         """Read ``serialize``'s output for the key buffer ``keys_buf`` ([B, H, C, D]) with ``count``
         ([B]) valid slots, without adopting it.
 
