@@ -8,7 +8,7 @@
   exactly, leaving everything else bit for bit.
 
 The memories are ``PKMBranch`` modules attached beside the FFN by
-``memlayers.hf.pkm_branch.attach_pkm``.
+``ml.attach(model, ml.PKMConfig(...))``.
 """
 from .sparse import SparseMemoryFinetuning, TrainableSlots
 from .stats import SlotStats, group_slot_stats, recording, slot_stats, tfidf

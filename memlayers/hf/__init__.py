@@ -10,11 +10,11 @@ transformers is imported lazily (inside functions): importing this package does 
     >>> ml.detach(model)   # the original modules, bit-identical outputs
 """
 from .attach import attach, detach
-from .config import DKVBConfig, KNNMemoryConfig, TitansMemoryConfig
+from .config import DKVBConfig, KNNMemoryConfig, PKMConfig, TitansMemoryConfig
 from .memorize import memorize, reset_memory
 from .persist import from_pretrained, load_memory, save_pretrained
 
 __all__ = [
-    "attach", "detach", "memorize", "reset_memory", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig",
+    "attach", "detach", "memorize", "reset_memory", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig", "PKMConfig",
     "save_pretrained", "from_pretrained", "load_memory",
 ]

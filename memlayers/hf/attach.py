@@ -6,7 +6,7 @@ from typing import List, Sequence, Union
 
 from torch import nn
 
-from . import knn_attach, layer_attach
+from . import knn_attach, layer_attach, pkm_branch
 from .attention import register
 from .config import is_config, resolve_layers
 from .families import base_model, family_of
@@ -20,13 +20,13 @@ def _as_list(config) -> List:
     for c in configs:
         if not is_config(c):
             raise TypeError(
-                "config must be a KNNMemoryConfig, TitansMemoryConfig or DKVBConfig (or a list of them), "
+                "config must be a KNNMemoryConfig, TitansMemoryConfig, DKVBConfig or PKMConfig (or a list of them), "
                 f"got {type(c).__name__}"
             )
     return configs
 
 
-BUILDERS = {"knn": knn_attach.build, **layer_attach.BUILDERS}
+BUILDERS = {"knn": knn_attach.build, **layer_attach.BUILDERS, "pkm": pkm_branch.build}
 
 
 def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Module:
@@ -35,7 +35,8 @@ def attach(model: nn.Module, config: Union[object, Sequence[object]]) -> nn.Modu
     Args:
         model: a transformers causal LM (Llama, Mistral, Qwen2, Qwen3 or GPT-2 family), or its
             decoder stack.
-        config: a ``KNNMemoryConfig``, ``TitansMemoryConfig`` or ``DKVBConfig``, or a list of them.
+        config: a ``KNNMemoryConfig``, ``TitansMemoryConfig``, ``DKVBConfig`` or ``PKMConfig``, or a
+            list of them.
             Each replaces modules of the chosen decoder layers by wrappers that keep the original as
             ``base_layer``; ``detach(model)`` puts the originals back.
 

@@ -219,7 +219,54 @@ class DKVBConfig(_Base):
         check_choice("backend", self.backend, BACKENDS)
 
 
-CONFIG_KINDS = {"knn": KNNMemoryConfig, "titans": TitansMemoryConfig, "dkvb": DKVBConfig}
+@dataclass
+class PKMConfig(_Base):
+    """A product-key memory added to the FFN output of the chosen decoder layers.
+
+    Args:
+        layers: which decoder layers (None: all); indices, negative allowed, or ``fn(index, layer)``.
+        heads: query heads; their reads are summed.
+        num_keys: half-keys per side; each layer's memory holds ``num_keys ** 2`` slots.
+        top_k: slots read per head and token.
+        value_dim: width of a slot; None: the model's hidden size (no output projection), else a
+            frozen random projection maps the read to the hidden size.
+        key_dim: query/key width (even); None: ``ProductKeyMemory``'s default.
+        qk_norm: unit-norm queries and half-keys (Memory+); spreads the accesses over the slots.
+        seed: seeds the random queries and keys, so that a saved recipe re-attaches the same hash.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the fused gather.
+    """
+
+    heads: int = 4
+    num_keys: int = 256
+    top_k: int = 32
+    value_dim: Optional[int] = None
+    key_dim: Optional[int] = None
+    qk_norm: bool = True
+    seed: int = 0
+    backend: str = "auto"
+
+    kind = "pkm"
+
+    def __post_init__(self):
+        _check_layers(self.layers)
+        check_positive_int("heads", self.heads)
+        check_positive_int("num_keys", self.num_keys, minimum=2)
+        check_positive_int("top_k", self.top_k)
+        if self.top_k > self.num_keys:
+            raise ValueError(f"top_k must be <= num_keys ({self.num_keys}), got {self.top_k}")
+        if self.value_dim is not None:
+            check_positive_int("value_dim", self.value_dim)
+        if self.key_dim is not None:
+            check_positive_int("key_dim", self.key_dim, minimum=2)
+            if self.key_dim % 2:
+                raise ValueError(f"key_dim must be even (two halves), got {self.key_dim}")
+        if not isinstance(self.qk_norm, bool):
+            raise TypeError(f"qk_norm must be a bool, got {type(self.qk_norm).__name__}")
+        check_positive_int("seed", self.seed, minimum=0)
+        check_choice("backend", self.backend, BACKENDS)
+
+
+CONFIG_KINDS = {"knn": KNNMemoryConfig, "titans": TitansMemoryConfig, "dkvb": DKVBConfig, "pkm": PKMConfig}
 
 
 def config_from_dict(d: Dict[str, object]):
@@ -234,4 +281,4 @@ def is_config(obj) -> bool:
     return isinstance(obj, _Base)
 
 
-__all__ = ["KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig", "resolve_layers", "config_from_dict", "is_config", "CONFIG_KINDS"]
+__all__ = ["KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig", "PKMConfig", "resolve_layers", "config_from_dict", "is_config", "CONFIG_KINDS"]

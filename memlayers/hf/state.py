@@ -2,7 +2,7 @@
 
 Every attachment replaces one module by a wrapper that keeps the original as ``base_layer``. The
 wrappers ``attach`` installs name their kind (``attachment_kind``: ``"knn"``, ``"titans"``,
-``"dkvb"``, or ``"positions"`` for the model-wide ``PositionShift``); ``installed(model)`` finds
+``"dkvb"``, ``"pkm"``, or ``"positions"`` for the model-wide ``PositionShift``); ``installed(model)`` finds
 them by walking the model, so the model itself is the only record of what is attached (no side
 object). ``uninstall`` puts the originals back (the very same module objects) and returns the slots
 that ``install`` puts back in place, so ``detach`` and a clean ``save_pretrained`` are the same
@@ -18,7 +18,7 @@ from torch import nn
 from .attention import implementation_name
 from .families import Family, family_of
 
-KINDS = ("knn", "titans", "dkvb", "positions")
+KINDS = ("knn", "titans", "dkvb", "pkm", "positions")
 
 
 class BaseLayerWrapper(nn.Module):
@@ -69,10 +69,6 @@ class AttachPlan:
         return getattr(parent, attr)
 
 
-# pkm_branch.py (memlayers.hf's product-key branch) builds with the name it was written against.
-MemoryState = AttachPlan
-
-
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
@@ -90,7 +86,7 @@ def installed(model: nn.Module, kinds=KINDS) -> List[Slot]:
     return slots
 
 
-def memory_wrappers(model: nn.Module, kinds=("knn", "titans", "dkvb")) -> List[nn.Module]:
+def memory_wrappers(model: nn.Module, kinds=("knn", "titans", "dkvb", "pkm")) -> List[nn.Module]:
     return [s.wrapper for s in installed(model, kinds)]
 
 

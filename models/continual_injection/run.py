@@ -43,7 +43,9 @@ sys.path.insert(0, str(HERE))
 from facts import BACKGROUND_QUESTIONS, BACKGROUND_TEXT, GENERAL_TEXT, OLD_QUESTIONS, make_facts  # noqa: E402
 
 from memlayers.continual import SparseMemoryFinetuning, slot_stats  # noqa: E402
-from memlayers.hf.pkm_branch import PKMConfig, attach_pkm, detach_pkm  # noqa: E402
+import memlayers as ml  # noqa: E402
+from memlayers.hf import PKMConfig  # noqa: E402
+from memlayers.hf.pkm_branch import pkm_branches  # noqa: E402
 
 METHODS = ("sparse_memory", "dense_memory", "lora", "full")
 
@@ -145,9 +147,9 @@ class Method:
         self.finetuning = None
         self.peft = None
         if name in ("sparse_memory", "dense_memory"):
-            self.branches = attach_pkm(model, PKMConfig(layers=cfg["pkm_layers"], heads=cfg["heads"],
+            self.branches = pkm_branches(ml.attach(model, PKMConfig(layers=cfg["pkm_layers"], heads=cfg["heads"],
                                                         num_keys=cfg["num_keys"], top_k=cfg["top_k"],
-                                                        backend=cfg.get("backend", "auto")))
+                                                        backend=cfg.get("backend", "auto"))))
             if name == "sparse_memory":
                 background = slot_stats(model, self.branches, background_batches)
                 self.finetuning = SparseMemoryFinetuning(self.branches, background, cfg["slots_per_fact"])
@@ -196,7 +198,7 @@ class Method:
         if self.peft is not None:
             self.peft.unload()
         if self.name in ("sparse_memory", "dense_memory"):
-            detach_pkm(self.model)
+            ml.detach(self.model)
         self.model.load_state_dict(base_state)
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -3,8 +3,10 @@ as ProductKeyMemory, observers see the slots read."""
 import pytest
 import torch
 
+import memlayers as ml
 from memlayers.continual import recording
-from memlayers.hf.pkm_branch import PKMBranch, PKMConfig, attach_pkm, detach_pkm, pkm_branches
+from memlayers.hf import PKMConfig
+from memlayers.hf.pkm_branch import PKMBranch, pkm_branches
 from memlayers.layers.pkm import ProductKeyMemory
 
 from conftest import batch, tiny_gpt2, tiny_llama
@@ -17,16 +19,15 @@ def test_attach_is_bit_identical_and_detach_restores(make):
     mlps = [layer.mlp for layer in (model.model.layers if hasattr(model, "model") else model.transformer.h)]
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
-        branches = attach_pkm(model, PKMConfig(layers=[0, -1], heads=2, num_keys=8, top_k=3))
+        branches = pkm_branches(ml.attach(model, PKMConfig(layers=[0, -1], heads=2, num_keys=8, top_k=3)))
         assert [b.layer_index for b in branches] == [0, len(mlps) - 1]
-        assert pkm_branches(model) == branches
         attached = model(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(attached, before)
         # Trained (non-zero) values change the model; detach brings back the very same modules.
         for b in branches:
             b.pkm.values.normal_()
         assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, before)
-        detach_pkm(model)
+        ml.detach(model)
         after = model(input_ids=ids, attention_mask=mask).logits
     layers = model.model.layers if hasattr(model, "model") else model.transformer.h
     assert all(layer.mlp is mlp for layer, mlp in zip(layers, mlps))
@@ -51,7 +52,7 @@ def test_read_equals_product_key_memory_forward(value_dim):
 
 def test_observers_see_the_slots_each_token_read():
     model = tiny_llama()
-    (branch,) = attach_pkm(model, PKMConfig(layers=[1], heads=2, num_keys=6, top_k=4))
+    (branch,) = pkm_branches(ml.attach(model, PKMConfig(layers=[1], heads=2, num_keys=6, top_k=4)))
     ids, mask = batch(B=3, L=7)
     seen = {}
     hook = branch.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
@@ -67,11 +68,11 @@ def test_observers_see_the_slots_each_token_read():
 
 def test_seed_fixes_the_hash_and_config_is_checked():
     a, b = tiny_llama(), tiny_llama()
-    (ba,) = attach_pkm(a, PKMConfig(layers=[0], num_keys=5, top_k=2, seed=7))
-    (bb,) = attach_pkm(b, PKMConfig(layers=[0], num_keys=5, top_k=2, seed=7))
+    (ba,) = pkm_branches(ml.attach(a, PKMConfig(layers=[0], num_keys=5, top_k=2, seed=7)))
+    (bb,) = pkm_branches(ml.attach(b, PKMConfig(layers=[0], num_keys=5, top_k=2, seed=7)))
     assert torch.equal(ba.pkm.keys, bb.pkm.keys) and torch.equal(ba.pkm.query.weight, bb.pkm.query.weight)
-    with pytest.raises(ValueError, match="already has"):
-        attach_pkm(a, PKMConfig(layers=[1]))
+    with pytest.raises(ValueError, match="already attached to decoder layer 0"):
+        ml.attach(a, PKMConfig(layers=[0]))
     with pytest.raises(ValueError, match="top_k"):
         PKMConfig(num_keys=4, top_k=5)
     with pytest.raises(ValueError, match="key_dim"):
@@ -79,10 +80,27 @@ def test_seed_fixes_the_hash_and_config_is_checked():
     with pytest.raises(TypeError, match="qk_norm"):
         PKMConfig(qk_norm=1)
     with pytest.raises(TypeError, match="config"):
-        attach_pkm(tiny_llama(), {"layers": [0]})
+        ml.attach(tiny_llama(), {"layers": [0]})
     c = tiny_llama()
     with pytest.raises(ValueError, match="out of range"):
-        attach_pkm(c, PKMConfig(layers=[5]))
+        ml.attach(c, PKMConfig(layers=[5]))
     assert pkm_branches(c) == [] and not isinstance(c.model.layers[0].mlp, PKMBranch)
-    with pytest.raises(ValueError, match="no product-key memory"):
-        detach_pkm(c)
+    with pytest.raises(ValueError, match="no memory attached"):
+        ml.detach(c)
+
+
+def test_pkm_memory_saves_and_loads_with_the_model(tmp_path):
+    """Trained slot values travel with save_pretrained / from_pretrained like every other memory."""
+    model = tiny_llama()
+    (branch,) = pkm_branches(ml.attach(model, PKMConfig(layers=[1], heads=2, num_keys=6, top_k=4)))
+    with torch.no_grad():
+        branch.pkm.values.normal_()
+    ids, mask = batch()
+    with torch.no_grad():
+        expect = model(input_ids=ids, attention_mask=mask).logits
+    ml.save_pretrained(model, tmp_path)
+    fresh = ml.from_pretrained(tmp_path)
+    (loaded,) = pkm_branches(fresh)
+    assert torch.equal(loaded.pkm.values, branch.pkm.values)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, expect)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from memlayers.continual import SlotStats, SparseMemoryFinetuning, TrainableSlots, slot_stats, tfidf
-from memlayers.hf.pkm_branch import PKMConfig, attach_pkm
+import memlayers as ml
+from memlayers.hf import PKMConfig
+from memlayers.hf.pkm_branch import pkm_branches
 
 from conftest import batch, tiny_llama
 
@@ -19,7 +21,7 @@ def setup(num_keys=6, seed=0):
     model = tiny_llama()
     for p in model.parameters():
         p.requires_grad_(False)
-    branches = attach_pkm(model, PKMConfig(layers=[0, 2], heads=2, num_keys=num_keys, top_k=3, backend="torch"))
+    branches = pkm_branches(ml.attach(model, PKMConfig(layers=[0, 2], heads=2, num_keys=num_keys, top_k=3, backend="torch")))
     with torch.no_grad():
         for b in branches:
             b.pkm.values.normal_(0, 0.3)  # a table that was already trained: deltas add to it

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from memlayers.continual import SlotStats, group_slot_stats, recording, slot_stats, tfidf
-from memlayers.hf.pkm_branch import PKMConfig, attach_pkm
+import memlayers as ml
+from memlayers.hf import PKMConfig
+from memlayers.hf.pkm_branch import pkm_branches
 
 from conftest import batch, tiny_llama
 
@@ -60,7 +62,7 @@ def test_tfidf_formula():
 
 def test_model_statistics_match_the_recorded_reads_and_split_by_group():
     model = tiny_llama()
-    branches = attach_pkm(model, PKMConfig(layers=[0, 2], heads=2, num_keys=5, top_k=3))
+    branches = pkm_branches(ml.attach(model, PKMConfig(layers=[0, 2], heads=2, num_keys=5, top_k=3)))
     ids, mask = batch(B=4, L=9)
     with recording(branches) as recorded, torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
