@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, write_results  # noqa: E402
 
 import memlayers as ml  # noqa: E402
-from memlayers.memory.sharding import merge_topk, sum_over_ranks  # noqa: E402
+from memlayers.memory.sharding import fetch_winners, merge_topk  # noqa: E402
 from memlayers.ops.knn_search import knn_search  # noqa: E402
 
 REPS, WARMUP = 30, 3
@@ -88,13 +88,15 @@ def _rank(rank, world, init_file, capacity, out):
         mem = ml.KNNMemory(B, H, D, capacity=capacity, backend="torch", process_group=group)
         q = _fill(mem, capacity, 0)
         filled = mem._stripe.local_filled(mem.filled)
-        scores, ids = torch.randn(B, H, 1, K), torch.randint(0, capacity, (B, H, 1, K))
-        fetched = torch.randn(B, H, 1, K, D)
+        g = torch.Generator().manual_seed(1)  # the same winners on every rank, as after a real merge
+        scores, ids = torch.randn(B, H, 1, K, generator=g), torch.randint(0, capacity, (B, H, 1, K), generator=g)
+        # One byte row per winner, as the store sends it: position (int64) and fp32 key and value.
+        rows = torch.zeros(B * H * K, 8 + 2 * D * 4, dtype=torch.uint8)
+        owner = (ids % world).reshape(-1)
 
         def comm():
             merge_topk(scores, ids, K, group)
-            for t in (ids, fetched, fetched):  # positions, keys, values of the winners
-                sum_over_ranks(t, group)
+            fetch_winners(rows, owner, group)
 
         total, local, only_comm = _timed([lambda: mem.search(q, K),
                                           lambda: knn_search(q, mem.keys[:, :, :filled], K, backend="torch"), comm],
