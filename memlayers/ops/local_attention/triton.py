@@ -245,8 +245,13 @@ def _tiles(T: int, S: int, block_d: int, block_dv: int, elem_size: int, backward
     if elem_size == 4:
         # fp32 operands take twice the registers of 16-bit ones, and tf32x3 splits each in two: the
         # 16-bit tiles spilled ~27 KB per thread at head dim 64 (ptxas, sm_90), 4 warps still 8-36
-        # bytes, and the dk/dv program still 8-12 bytes with a second pipeline stage.
-        return (32, 32, 8, 1) if backward else (64, 32, 8, 2)
+        # bytes, and the dk/dv program still 8-12 bytes with a second pipeline stage. Wider heads
+        # shrink the row blocks in proportion (the head-dim-64 tiles spilled 0.1-18 KB at 128/256;
+        # these spill nothing at 128, and 0.1-0.3 KB in the head-dim-256 backward).
+        wide = max(block_d, block_dv) // 64
+        if backward:
+            return max(16, 32 // wide), max(16, 32 // wide), 8, 1
+        return max(16, 64 // wide), max(16, 32 // wide), 8, 2 if wide <= 1 else 1
     narrow = block_d + block_dv <= 256  # one k row plus one v row of 16-bit elements fit 512 bytes: D <= 128
     if backward:  # the dk/dv program also keeps two fp32 [BLOCK_N, D] accumulators
         if block_d <= 64:

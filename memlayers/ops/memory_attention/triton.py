@@ -235,7 +235,8 @@ def _blocks(T: int, k: int, D: int, Dv: int, elem_size: int, backward: bool) -> 
         budget, max_block_k = (1 << 10) if elem_size == 4 else (1 << 11), 16
     else:
         budget, max_block_k = (1 << 12) if elem_size == 4 else (1 << 13), 32
-    block_k = min(triton.next_power_of_2(k), max_block_k)
+    # Wide rows take fewer slots a step, so that even one query's tile stays within the budget.
+    block_k = min(triton.next_power_of_2(k), max_block_k, max(1, budget // max(block_d, block_dv)))
     block_t = max(1, min(triton.next_power_of_2(T), budget // (block_k * max(block_d, block_dv))))
     return block_t, block_k, block_d, block_dv
 
