@@ -20,7 +20,8 @@ from .ops import knn_search, memory_attention, merge_attention, titans_memory
 
 # HuggingFace integration: resolved on first access, so `import memlayers` never imports transformers.
 _HF_EXPORTS = ("attach", "detach", "memorize", "reset_memory", "save_pretrained", "from_pretrained",
-               "load_memory", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig", "PKMConfig")
+               "load_memory", "load_pretrained", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig",
+               "PKMConfig")
 
 
 def __getattr__(name):

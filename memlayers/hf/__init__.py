@@ -13,8 +13,9 @@ from .attach import attach, detach
 from .config import DKVBConfig, KNNMemoryConfig, PKMConfig, TitansMemoryConfig
 from .memorize import memorize, reset_memory
 from .persist import from_pretrained, load_memory, save_pretrained
+from .pretrained import load_pretrained
 
 __all__ = [
     "attach", "detach", "memorize", "reset_memory", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig", "PKMConfig",
-    "save_pretrained", "from_pretrained", "load_memory",
+    "save_pretrained", "from_pretrained", "load_memory", "load_pretrained",
 ]

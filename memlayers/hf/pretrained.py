@@ -35,7 +35,7 @@ def _embedded_file(name: str) -> Path:
     return path
 
 
-def _source(name_or_path: Union[str, Path]) -> Tuple[str, Union[str, None]]:
+def model_source(name_or_path: Union[str, Path]) -> Tuple[str, Union[str, None]]:
     """``(folder or model id, gguf file name or None)`` for ``from_pretrained``."""
     if isinstance(name_or_path, str) and name_or_path.lower() in EMBEDDED:
         path = _embedded_file(name_or_path.lower())
@@ -91,7 +91,7 @@ def load_pretrained(name_or_path: Union[str, Path] = "smollm2", *, dtype: torch.
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
     device = torch.device(device)
-    folder, gguf_file = _source(name_or_path)
+    folder, gguf_file = model_source(name_or_path)
     if gguf_file is not None and importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"loading a GGUF file needs the package gguf; get it with: {INSTALL_HINT}")
 

@@ -104,8 +104,9 @@ def _scalar(value: str):
 
 def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, metavar="PATH_OR_NAME",
-                   help="HuggingFace causal LM: a local folder with config.json, weights and tokenizer, "
-                        "or a hub name where the network allows")
+                   help="causal LM: 'smollm2' (the embedded SmolLM2-135M-Instruct), a .gguf file, a local "
+                        "HuggingFace folder with config.json, weights and tokenizer, or a hub name where the "
+                        "network allows")
     p.add_argument("--memory", choices=("none", "knn", "titans"), default="none",
                    help="memlayers memory to attach before probing (default: none). With memory the context "
                         "is memorized in chunks and the model answers from the question alone")
@@ -244,7 +245,11 @@ def _model_positions(name_or_path: str):
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(os.path.expanduser(name_or_path))
+        from ..hf.pretrained import model_source
+
+        folder, gguf_file = model_source(os.path.expanduser(name_or_path))  # "smollm2", a .gguf file, a folder
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception:  # noqa: BLE001 - any failure is reported by load_model with its reason
         return None
     for field in ("max_position_embeddings", "n_positions"):

@@ -29,15 +29,33 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def _is_pretrained_source(name_or_path: str) -> bool:
+    """The embedded model's name, or a GGUF file: what ``memlayers.hf.load_pretrained`` reads."""
+    from ..hf.pretrained import EMBEDDED
+
+    return name_or_path.lower() in EMBEDDED or name_or_path.endswith(".gguf")
+
+
 def load_model(name_or_path: str, *, dtype: str = "auto", device: Optional[str] = None, tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` from a local folder or, where the network allows, a hub name
-    (``tokenizer=False``: the tokenizer is ``None``, for models read on raw token ids).
+    """Load ``(model, tokenizer)``: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or a ``.gguf``
+    file through ``memlayers.hf.load_pretrained``, else a local folder or, where the network allows, a
+    hub name (``tokenizer=False``: the tokenizer is ``None``, for models read on raw token ids).
 
     Raises ``ModelLoadError`` (a ``ValueError``) with the reason when either cannot be loaded."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise TypeError(f"model must be a non-empty str (a local path or a hub name), got {name_or_path!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if _is_pretrained_source(name_or_path):
+        from ..hf.pretrained import load_pretrained
+
+        try:  # GGUF weights are dequantized: "auto" means fp32
+            model, tok = load_pretrained(os.path.expanduser(name_or_path),
+                                         dtype=torch.float32 if dtype == "auto" else DTYPES[dtype],
+                                         device=device or "cpu")
+        except (OSError, ModuleNotFoundError, ValueError) as e:
+            raise ModelLoadError(f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
+        return model, (tok if tokenizer else None)
     path = os.path.expanduser(name_or_path)
     if not os.path.exists(path) and _looks_like_path(name_or_path):
         raise ModelLoadError(f"model path {name_or_path!r} does not exist")
