@@ -10,7 +10,7 @@ bound exactly as triton's launcher binds it (its binder and argument packing), c
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, and measured: shared memory from
 the compiled metadata, registers, stack frame and spills from the bundled ptxas's ``-v`` log.
 
-Results are cached as JSON under ``--cache`` (default ``.cache/compile-gate``), keyed by the kernel's
+Results are cached as JSON under ``--cache`` (default ``tests/compile/cache``, committed), keyed by the kernel's
 source hash (its own and every jit function it calls), the specialization, the compile options, the
 triton version and the target, so an unchanged kernel is never compiled twice.
 """
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="gate", choices=("gate", "sweep"))
     ap.add_argument("--case", action="append", help="only these case ids (repeatable)")
     ap.add_argument("--targets", default="90,80", help="compute capabilities, comma-separated")
-    ap.add_argument("--cache", default=str(ROOT / ".cache" / "compile-gate"))
+    ap.add_argument("--cache", default=str(ROOT / "tests" / "compile" / "cache"))
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--quiet", action="store_true", help="no table")

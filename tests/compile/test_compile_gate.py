@@ -6,8 +6,9 @@ Triton (3.6, installed by ``make triton36`` into ``.triton36/``) and with the in
 shared memory, registers and spills. A kernel fails the gate on a compile error, on shared memory past
 the target's per-block limit, or on spills above its budget (``SPILL_BUDGET``).
 
-Results are cached under ``.cache/compile-gate/`` by source hash + specialization + triton + target:
-only kernels whose source (or a jit helper they call) changed are recompiled.
+Results are cached under ``tests/compile/cache/`` (committed) by source hash + specialization + triton +
+target: a clean clone recompiles only kernels whose source (or a jit helper they call) changed since the
+cache was last written, so the gate stays within the suite's time budget.
 
 Known failures are ``xfail(strict=True)`` with their reason (issue 13): the test turns red the moment a
 fix lands, so that the mark is removed with it.
@@ -41,17 +42,20 @@ SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in maximum
 SPILL_BUDGET: dict = {}
 
 ISSUE = "issue 13"
-_TITANS_SMEM = f"{ISSUE}: Titans kernel holds whole state matrices per program, past the shared-memory limit"
-_TITANS_SPILLS = f"{ISSUE}: Titans kernel holds whole state matrices per program in registers and spills"
+_TITANS_SPILLS = (f"{ISSUE}: the Titans kernels fit shared memory since the value-column (linear) and hidden-block "
+                  "(MLP) redesign, but spill registers: the per-chunk [C, C] gate matrices in fp32 take all 255 "
+                  "registers (fix: precompute the gates in a kernel of their own)")
+_INSTALLED = ("triton-installed",)
 # case id -> (reason, toolchains or None for all, archs or None for all). Each entry was measured (2-core
-# VM, triton 3.6.0 and 3.9.0) except the Titans real-dim ones at triton 3.9, taken from the 3.6 figures
-# of issue 13.
+# VM, triton 3.6.0 and 3.9.0, ptxas' spill counts): every other gate case compiles without spills.
 KNOWN_FAILURES = {
-    "titans-bwd-bf16-d16-chunk=16-depth=1": (_TITANS_SPILLS, None, None),
-    "titans-fwd-bf16-d128-chunk=64-depth=1": (_TITANS_SMEM, None, None),
-    "titans-bwd-bf16-d128-chunk=64-depth=1": (_TITANS_SMEM, None, None),
-    "titans-fwd-bf16-d64-chunk=64-depth=2-hidden=4": (_TITANS_SMEM, None, None),
-    "titans-bwd-bf16-d64-chunk=64-depth=2-hidden=4": (_TITANS_SMEM, None, None),
+    "titans-bwd-bf16-d16-chunk=16-depth=1": (_TITANS_SPILLS, None, (90,)),
+    "titans-fwd-bf16-d16-bias=huber-chunk=16-depth=2-hidden=4-momentum=0": (_TITANS_SPILLS, _INSTALLED, (90,)),
+    "titans-bwd-bf16-d16-bias=lp-chunk=16-depth=2-forget=0-hidden=4": (_TITANS_SPILLS, None, None),
+    "titans-fwd-bf16-d128-chunk=64-depth=1": (_TITANS_SPILLS, None, None),
+    "titans-bwd-bf16-d128-chunk=64-depth=1": (_TITANS_SPILLS, None, None),
+    "titans-fwd-bf16-d64-chunk=64-depth=2-hidden=4": (_TITANS_SPILLS, None, None),
+    "titans-bwd-bf16-d64-chunk=64-depth=2-hidden=4": (_TITANS_SPILLS, None, None),
 }
 
 
