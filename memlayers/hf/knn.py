@@ -9,7 +9,9 @@ wrapper calls the base module with ``memlayers_knn=self`` and the registered ``m
 2. reads this layer's memory of the batch row through ``memlayers.layers.knn_read`` (the read path
    ``ml.KNNMemoryAttention`` uses: search by the query before rotary embedding against keys stored
    before rotary embedding, position policy, joint or gate merge),
-3. while ``memorize`` runs, stores the chunk's keys (rotary embedding undone) and values.
+3. while ``memorize`` runs, stores the chunk's keys (rotary embedding undone) and values; inside a
+   ``writing(model)`` block (``memorize.py``) it keeps them in ``recorded`` instead, and the block's
+   end stores them: a ``generate`` reads the memory as it was when it started.
 
 Rotary models apply RoPE before the attention function, which never sees ``cos``/``sin``: the
 wrapper passes on the ``position_embeddings`` its base module receives (the second parameter of
@@ -34,7 +36,9 @@ class KNNAttention(BaseLayerWrapper):
     (one logit per query head, trainable).
 
     ``positions`` is the model's ``PositionShift`` (a plain reference, not a submodule: it is the
-    model's, saved once); ``writing`` is set by ``memorize`` while it runs.
+    model's, saved once); ``writing`` is set by ``memorize`` while it runs; ``recorded`` is a list
+    of ``(keys before rotary embedding, values)`` pieces ``[B, Hkv, T, D]`` while a ``writing(model)``
+    block is open (None otherwise).
     """
 
     attachment_kind = "knn"
@@ -48,6 +52,7 @@ class KNNAttention(BaseLayerWrapper):
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.rotary = rotary
         self.writing = False
+        self.recorded = None
         self.register_module("memory", None)
         if config.combine == "gate":
             p = next(base_layer.parameters())
@@ -116,18 +121,24 @@ class KNNAttention(BaseLayerWrapper):
         else:
             result = base_fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         # Written after reading: a chunk attends to its own tokens locally (causally), never as memories.
+        T = query.shape[2]
         if self.writing:
-            self._write(key, value, query.shape[2], rotary)
+            if key.shape[2] != T:
+                raise RuntimeError("memorize runs the model without a KV cache; got keys beyond the current chunk")
+            self.store(_pre_rotary(key, rotary), value)
+        elif self.recorded is not None:
+            # A decode step's key/value hold the cache too; this step's tokens are the last T.
+            self.recorded.append((_pre_rotary(key[:, :, -T:], rotary), value[:, :, -T:]))
         return result
 
-    def _write(self, key: torch.Tensor, value: torch.Tensor, T: int, rotary) -> None:
-        if key.shape[2] != T:
-            raise RuntimeError("memorize runs the model without a KV cache; got keys beyond the current chunk")
+    def store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys`` (before rotary embedding) and ``values`` ``[B, Hkv, T, D]`` at the positions
+        that follow each row's memorized tokens (``positions.offset``; the caller advances it)."""
         mem = self.memory
-        keys = _pre_rotary(key, rotary).to(mem.dtype)
+        T = keys.shape[2]
         offset = self.positions.offset
         positions = offset[:, None] + torch.arange(T, device=offset.device)  # [B, T] absolute positions
-        mem.add(keys.contiguous(), value.to(mem.dtype).contiguous(), positions)
+        mem.add(keys.to(mem.dtype).contiguous(), values.to(mem.dtype).contiguous(), positions)
 
 
 def _pre_rotary(x: torch.Tensor, rotary) -> torch.Tensor:

@@ -46,7 +46,9 @@ class _GatedLayer(BaseLayerWrapper):
 class TitansLayer(_GatedLayer):
     """A decoder layer with a Titans branch reading the layer's input: ``titans_memory``, a
     ``StatefulNeuralMemory`` whose per-row state lives in its buffers (the memory-state protocol).
-    It learns while ``writing`` (set by ``memorize``) and only reads otherwise."""
+    It learns while ``writing`` (set by ``memorize``) and only reads otherwise; inside a
+    ``writing(model)`` block it keeps the layer inputs it reads in ``recorded`` (a list of
+    ``[B, T, hidden]`` pieces, None otherwise), which the block's end learns."""
 
     gate_name = "titans_gate"
     attachment_kind = "titans"
@@ -57,6 +59,7 @@ class TitansLayer(_GatedLayer):
 
         p = next(base_layer.parameters())
         self.writing = False
+        self.recorded = None
         self.titans_memory = StatefulNeuralMemory(NeuralMemory(
             hidden, heads=config.heads, head_dim=config.head_dim, memory=config.memory, depth=config.depth,
             expansion=config.expansion, chunk_size=config.chunk_size, momentum=config.momentum,
@@ -72,7 +75,14 @@ class TitansLayer(_GatedLayer):
                 f"layer {self.layer_index}'s Titans memory holds {rows} batch rows but the input has "
                 f"{x.shape[0]}; use the memorized batch, or reset_memory"
             )
+        if self.recorded is not None and not self.writing:
+            self.recorded.append(x)
         return memory(x.to(memory.neural_memory.to_qkv.weight.dtype), learn=self.writing)
+
+    def learn(self, x: torch.Tensor) -> None:
+        """Read the layer inputs ``x [B, T, hidden]`` into the memory (what ``memorize`` learns)."""
+        memory = self.titans_memory
+        memory(x.to(memory.neural_memory.to_qkv.weight.dtype), learn=True)
 
 
 class DKVBLayer(_GatedLayer):

@@ -1,6 +1,8 @@
-"""``memorize`` (stream a long input into the memories) and ``reset_memory``."""
+"""``memorize`` (stream a long input into the memories), ``writing`` (``generate`` writes what it
+reads into them) and ``reset_memory``."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -92,6 +94,68 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
         for w in writers:
             w.writing = False
     return model
+
+
+@contextmanager
+def writing(model):
+    """A block whose forward passes (``model.generate``, ``model(...)``) write what they read into the
+    memories, so that a conversation keeps its history beyond the window. Off unless opened.
+
+        >>> with ml.writing(model):
+        ...     out = model.generate(prompt_ids, max_new_tokens=32)
+        >>> # the memories now hold prompt_ids and out's new tokens but the last
+
+    Inside the block the memories are read as they were when it opened (the tokens of the block are
+    in the model's own KV cache meanwhile); the kNN layers keep each token's keys and values and the
+    Titans layers their inputs. When the block ends without an exception they are stored after the
+    memorized tokens, in reading order, as ``memorize`` of the same tokens would store them (kNN:
+    the same keys, values and positions; Titans learns them in one call), and positions continue
+    after them. ``generate`` never reads the last token it samples: feed it back as the start of the
+    next input (or ``memorize`` it) to keep it. Every token of every row is stored: prompts without
+    padding, one sequence per memorized row (greedy or sampling; no beams), the default dynamic
+    cache. An exception inside the block stores nothing.
+    """
+    require_attached(model)
+    recorders = memory_wrappers(model, ("knn", "titans"))
+    if any(w.recorded is not None for w in recorders):
+        raise ValueError("model: a writing(model) block is already open")
+    for w in recorders:
+        w.recorded = []
+    try:
+        yield model
+        pieces = [w.recorded for w in recorders]
+    finally:
+        for w in recorders:
+            w.recorded = None
+    _store_recorded(model, recorders, pieces)
+
+
+def _recorded_shape(wrapper, pieces):
+    """``(rows, tokens)`` of what ``wrapper`` recorded: kNN pieces ``(keys, values) [B, H, T, D]``,
+    Titans pieces ``[B, T, hidden]``."""
+    if wrapper.attachment_kind == "knn":
+        return pieces[0][0].shape[0], sum(k.shape[2] for k, _ in pieces)
+    return pieces[0].shape[0], sum(x.shape[1] for x in pieces)
+
+
+@torch.no_grad()
+def _store_recorded(model, recorders, pieces) -> None:
+    if not recorders or not pieces[0]:  # nothing ran inside the block
+        return
+    # Every layer reads every token: the first recorder's count is the block's.
+    B, N = _recorded_shape(recorders[0], pieces[0])
+    pos = positions_of(model)
+    if pos is not None and pos.max_positions and pos.memorized + N > pos.max_positions:
+        raise ValueError(f"writing: {pos.memorized} memorized + {N} read tokens exceed the model's "
+                         f"{pos.max_positions} learned positions")
+    _prepare_rows(model, pos, B)
+    for w, p in zip(recorders, pieces):
+        if w.attachment_kind == "knn":
+            w.store(torch.cat([k for k, _ in p], dim=2), torch.cat([v for _, v in p], dim=2))
+        else:
+            w.learn(torch.cat(p, dim=1))
+    if pos is not None:
+        pos.advance(N)
 
 
 def _held_rows(model) -> Optional[int]:
