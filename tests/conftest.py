@@ -33,3 +33,22 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """The list of every Python-level read of tensor data while the test runs (``.item()``,
+    ``.tolist()``, ``bool(t)``, ...): on a GPU each one waits for the device (issue 13's decode rule)."""
+    reads = []
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads

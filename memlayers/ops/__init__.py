@@ -1,4 +1,4 @@
-"""Operators: one folder each, naive reference beside the Triton kernel (see DESIGN.md)."""
+"""Operators: one folder each, naive reference beside the Triton kernel (see docs/design.md)."""
 from .dkvb import dkvb_lookup
 from .embedding_bag import weighted_embedding_bag
 from .knn_search import knn_search

@@ -18,7 +18,7 @@ FUZZ_TRITON = settings(max_examples=6, **_COMMON)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Relative error of outputs against the fp64 reference, by input dtype: the ops compute in fp32 and
-# return low-precision outputs in the input dtype (DESIGN.md's tolerances).
+# return low-precision outputs in the input dtype (docs/design.md's tolerances).
 OUT_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 # Gradients of fp32 inputs against fp64 autograd: sums of up to a few hundred fp32 products.
 GRAD_TOL = 1e-4

@@ -7,23 +7,6 @@ import memlayers.hf as mm
 
 from hf_tiny import VOCAB, tiny_model
 
-_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Counts every Python-level read of tensor data."""
-    reads = []
-    for name in _READS:
-        real = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _real=real, _name=name, **kwargs):
-            reads.append(_name)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    return reads
-
 
 def _reads_per_step(model, prompt, host_reads):
     counts = []

@@ -69,24 +69,6 @@ def test_filled_after_partial_reset_load_and_bind(stream):
     assert other.filled == 0
 
 
-_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Counts every Python-level read of tensor data (each one waits for the device on a GPU)."""
-    reads = []
-    for name in _READS:
-        real = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _real=real, _name=name, **kwargs):
-            reads.append(_name)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    return reads
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_decode_step_reads_nothing_back(stream, host_reads, backend):
     mem = ml.KNNMemory(2, 2, 16, capacity=64, backend=backend, validate=False)

@@ -8,22 +8,6 @@ from memlayers.ops.knn_search import knn_search
 from memlayers.ops.local_attention import local_attention
 from memlayers.ops.memory_attention import memory_attention, merge_attention
 
-_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    reads = []
-    for name in _READS:
-        real = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _real=real, _name=name, **kwargs):
-            reads.append(_name)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    return reads
-
 
 def _decode_step(device, rotary):
     """One decode step's memory read: 1 query token, 2 query heads over 1 kv-head, 8 of 50 slots."""

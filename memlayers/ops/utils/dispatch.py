@@ -1,6 +1,6 @@
 """Choosing an operator's compute backend: the Triton kernels, the naive PyTorch path, or a native one.
 
-Rule (DESIGN.md): Triton for CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET=1``; the naive
+Rule (docs/design.md): Triton for CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET=1``; the naive
 path otherwise. ``backend="torch"|"triton"`` forces one, and so does the ``MEMLAYERS_BACKEND``
 environment variable when the caller left ``backend="auto"``. ``backend="native"`` picks an op's
 optional CMake-built CPU library; only the ops listed in ``NATIVE_OPS`` have one, and ``"auto"``

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-# Relative-error tolerances of DESIGN.md, by the dtype the kernel computed in.
+# Relative-error tolerances of docs/design.md, by the dtype the kernel computed in.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 TF32_TOLERANCE = 1e-3
 
