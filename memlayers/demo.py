@@ -92,17 +92,46 @@ def format_rows(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"memlayers demo 1/2: KNNMemory, 40,000 tokens streamed through 16,384 slots x 4 heads, "
-          f"D=64, k=32, 64 queries per head ({device})")
-    print(format_rows(run_store_demo()))
-    print()
-    print("memlayers demo 2/2: a HuggingFace model with kNN memory attached")
-    try:
-        from .hf.demo import run_demo
-    except ImportError as e:  # transformers missing: pip install memlayers[hf]
-        print(f"skipped: {e}")
-        return 0
-    run_demo()
-    return 0
+PARTS = ("real", "tiny", "store")
+DEFAULT_PARTS = ("real", "tiny")
+
+
+def main(parts=DEFAULT_PARTS, model: str = "smollm2", doc_tokens: int = 2048, window: int = 256,
+         depths=None, new_tokens: int = 8) -> int:
+    """Run the demo's ``parts`` in order: "real" (the pretrained model with kNN memory against its
+    window alone), "tiny" (the exactness check on a tiny Llama), "store" (search backends compared).
+    Returns 0, or 1 when the tiny part's equivalence check fails."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+    code = 0
+    for n, part in enumerate(parts, 1):
+        if n > 1:
+            print()
+        header = f"memlayers demo {n}/{len(parts)}: "
+        if part == "store":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            print(header + f"KNNMemory, 40,000 tokens streamed through 16,384 slots x 4 heads, "
+                  f"D=64, k=32, 64 queries per head ({device})")
+            print(format_rows(run_store_demo()))
+            continue
+        try:
+            from .hf import demo as hf_demo
+            from .hf.pretrained import model_source
+        except ImportError as e:  # transformers missing: pip install memlayers[hf]
+            print(header + f"skipped: {e}")
+            continue
+        if part == "real":
+            print(header + "a pretrained model reads a long document with kNN memory and without it")
+            try:
+                model_source(model)  # the embedded model's package, or the file, exists: checked before loading
+            except (ModuleNotFoundError, FileNotFoundError) as e:
+                print(f"skipped: {e}")
+                continue
+            hf_demo.run_real_demo(model, doc_tokens=doc_tokens, window=window,
+                                  depths=hf_demo.DEPTHS if depths is None else depths, new_tokens=new_tokens)
+        else:
+            print(header + "a tiny random-weight Llama whose memory retrieves everything equals its full context")
+            if not hf_demo.run_equivalence_demo()["equivalent"]:
+                code = 1
+    return code

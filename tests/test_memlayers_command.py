@@ -3,6 +3,7 @@ import pytest
 
 from memlayers.cli import build_parser, main
 from memlayers.demo import format_rows, run_store_demo
+from memlayers.hf import pretrained
 
 
 def test_help_lists_every_command(capsys):
@@ -36,3 +37,21 @@ def test_store_demo_small():
     assert 0.0 < by["faiss hnsw"]["recall@8"] <= 1.0
     table = format_rows(rows)
     assert "faiss ivf" in table and "recall@8" in table
+
+
+def test_demo_without_the_embedded_model_says_how_to_get_it_and_runs_the_tiny_part(monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(pretrained.EMBEDDED, "smollm2", ("memlayers_no_such_package", "missing.gguf"))
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    (skipped,) = [line for line in out.splitlines() if line.startswith("skipped:")]
+    assert pretrained.INSTALL_HINT in skipped
+    assert "equivalence check: PASS" in out
+
+
+@pytest.mark.parametrize("argv", [["demo", "--part", "everything"], ["demo", "--depths", "0.2,1.5"],
+                                  ["demo", "--window", "0"]])
+def test_demo_rejects_bad_options(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
