@@ -45,9 +45,10 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
         model: a model with memory attached (``attach``).
         input_ids: ``[B, N]`` token ids on the model's device; row b goes to memory row b.
         chunk_size: tokens per forward pass (the local attention window while memorizing).
-        attention_mask: ``[B, N]``, all ones: every token is memorized (rows of different lengths are
-            memorized by separate calls with a ``reset_memory`` of the rows in between, or padded
-            into other documents; padding inside memorized text is not supported).
+        attention_mask: ``[B, N]`` of 0/1 (None: all ones). Rows of different lengths come padded
+            (left or right): tokens where the mask is 0 are never stored, and each row's positions
+            count only its own tokens. A padded batch is memorized row by row (each row's memories
+            are swapped in as a batch of one), so the result equals one ``memorize`` call per row.
         progress: show a tqdm bar (None: for inputs of at least 8 chunks).
 
     Returns the model. Arguments are checked before any memory changes; the first memorize fixes
@@ -57,19 +58,34 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
     _check_input_ids(model, input_ids)
     check_positive_int("chunk_size", chunk_size)
     B, N = input_ids.shape
+    lengths = None
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask, shape=(B, N), device=input_ids.device)
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (a token to memorize)")
+        if not bool((attention_mask == 1).any()):
+            raise ValueError("attention_mask marks no token to memorize (all zeros)")
         if not bool((attention_mask == 1).all()):
-            raise ValueError("attention_mask: memorize stores every token; padding (zeros) is not supported")
+            lengths = [int(n) for n in attention_mask.sum(dim=1).tolist()]
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
     pos = positions_of(model)
-    if pos is not None and pos.max_positions and pos.memorized + N > pos.max_positions:
-        raise ValueError(
-            f"input_ids: {pos.memorized} memorized + {N} new tokens exceed the model's "
-            f"{pos.max_positions} learned positions"
-        )
+    if pos is not None and pos.max_positions:
+        reach, new = pos.memorized + N, N
+        if lengths is not None:
+            new = max(lengths)
+            # Each row continues after its own tokens (offsets from an earlier call of this batch).
+            held = pos.offset.tolist() if pos.offset.shape[0] == B else [pos.memorized] * B
+            reach = max(h + n for h, n in zip(held, lengths))
+        if reach > pos.max_positions:
+            raise ValueError(
+                f"input_ids: {pos.memorized} memorized + {new} new tokens exceed the model's "
+                f"{pos.max_positions} learned positions"
+            )
     _prepare_rows(model, pos, B)
+    if lengths is not None:
+        _memorize_rows(model, pos, input_ids, attention_mask.bool(), chunk_size, progress)
+        return model
 
     starts = range(0, N, chunk_size)
     if progress or (progress is None and len(starts) >= PROGRESS_MIN_CHUNKS):
@@ -128,6 +144,59 @@ def writing(model):
         for w in recorders:
             w.recorded = None
     _store_recorded(model, recorders, pieces)
+
+
+def _row_memories(model):
+    """The memories whose state is per batch row (learned tables such as DKVB's are shared)."""
+    from ..layers.neural_memory import StatefulNeuralMemory
+    from ..memory import KNNMemory
+
+    return [m for _, m in memory_modules(model) if isinstance(m, (KNNMemory, StatefulNeuralMemory))]
+
+
+def _row(state: dict, b: int) -> dict:
+    """Row ``b`` (a batch of one) of a per-row memory's state dict: its own buffers, which lead with
+    the batch (names without a dot; not a ``KNNMemory``'s FAISS blobs, rebuilt from the keys on load,
+    nor ``shard``, nor the parameters of submodules)."""
+    return {k: v[b:b + 1].clone() for k, v in state.items() if "." not in k and k != "shard"}
+
+
+def _memorize_rows(model, pos, input_ids, mask, chunk_size, progress) -> None:
+    """``memorize`` of each row's unmasked tokens on its own: every per-row memory (and the row's
+    position offset) is loaded with that row as a batch of one, fed the row's tokens, and its state
+    is put back in the row. A failure restores every memory as it was."""
+    memories = _row_memories(model)
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in memories]
+    saved_offsets = pos.offset.clone() if pos is not None else None
+    done = [[] for _ in memories]  # per memory, each row's state after its tokens
+    offsets = []  # each row's position offset after its tokens
+    try:
+        for b in range(input_ids.shape[0]):
+            for m, state in zip(memories, saved):
+                m.load_state_dict(_row(state, b), strict=False)
+            if pos is not None:
+                pos.offset = saved_offsets[b:b + 1].clone()
+                pos.sync()
+            tokens = input_ids[b:b + 1, mask[b]]
+            if tokens.shape[1]:
+                memorize(model, tokens, chunk_size=chunk_size, progress=progress)
+            for m, rows in zip(memories, done):
+                rows.append(_row(m.state_dict(), 0))
+            if pos is not None:
+                offsets.append(pos.offset.clone())
+        merged = [{k: torch.cat([r[k] for r in rows]) for k in rows[0]} for rows in done]
+    except BaseException:
+        for m, state in zip(memories, saved):
+            m.load_state_dict(state)
+        if pos is not None:
+            pos.offset = saved_offsets
+            pos.sync()
+        raise
+    for m, state in zip(memories, merged):
+        m.load_state_dict(state, strict=False)
+    if pos is not None:
+        pos.offset = torch.cat(offsets)
+        pos.sync()
 
 
 def _recorded_shape(wrapper, pieces):

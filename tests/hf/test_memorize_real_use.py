@@ -90,3 +90,67 @@ def test_writing_blocks_do_not_nest():
         with pytest.raises(ValueError, match="already open"):
             with writing(model):
                 pass
+
+
+def _padded(rows, side):
+    """``rows`` (1-D id tensors) padded with 0 on ``side`` into ``(input_ids, attention_mask)``."""
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for b, r in enumerate(rows):
+        cols = slice(n - len(r), n) if side == "left" else slice(0, len(r))
+        ids[b, cols], mask[b, cols] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family,side", [("qwen2", "left"), ("gpt2", "right")])
+def test_padded_batch_equals_memorizing_each_row_on_its_own(family, side):
+    knn = mm.KNNMemoryConfig(top_k=8, backend="torch")
+    titans = mm.TitansMemoryConfig(layers=[0], chunk_size=4, backend="torch")
+    batch, _ = _pair(family, knn, titans)
+    singles = [copy.deepcopy(batch) for _ in range(2)]
+    docs = [torch.randint(1, VOCAB, (23,)), torch.randint(1, VOCAB, (14,))]
+    ids, mask = _padded(docs, side)
+    # Twice: the second call continues each row after its own tokens.
+    for _ in range(2):
+        mm.memorize(batch, ids, chunk_size=8, attention_mask=mask)
+        for single, doc in zip(singles, docs):
+            mm.memorize(single, doc[None], chunk_size=8)
+    assert positions_of(batch).offset.tolist() == [46, 28]
+    rest = torch.randint(1, VOCAB, (2, 5))
+    out = logits(batch, rest)
+    for b, single in enumerate(singles):
+        torch.testing.assert_close(out[b:b + 1], logits(single, rest[b:b + 1]), atol=1e-4, rtol=1e-4)
+        for x, y in zip(memory_wrappers(batch, ("knn",)), memory_wrappers(single, ("knn",))):
+            assert torch.equal(x.memory.count[b:b + 1], y.memory.count)
+            assert torch.equal(x.memory.positions[b:b + 1], y.memory.positions)
+    # Padding memorized as tokens would give other logits: the comparison can fail.
+    unmasked = copy.deepcopy(singles[1])
+    mm.reset_memory(unmasked)
+    mm.memorize(unmasked, ids[1:], chunk_size=8)
+    mm.memorize(unmasked, ids[1:], chunk_size=8)
+    assert not torch.allclose(logits(unmasked, rest[1:]), out[1:], atol=1e-3)
+
+
+def test_padded_memorize_rejects_a_mask_of_other_values_before_any_change():
+    model = tiny_model("llama")
+    mm.attach(model, mm.KNNMemoryConfig(top_k=8, backend="torch"))
+    ids = torch.randint(1, VOCAB, (2, 10))
+    with pytest.raises(ValueError, match="attention_mask"):
+        mm.memorize(model, ids, attention_mask=torch.full((2, 10), 2))
+    assert all(w.memory is None for w in memory_wrappers(model, ("knn",)))
+
+
+def test_padded_memorize_checks_learned_positions_per_row():
+    model = tiny_model("gpt2", max_position_embeddings=40)
+    mm.attach(model, mm.KNNMemoryConfig(top_k=8, backend="torch"))
+    ids, mask = _padded([torch.randint(1, VOCAB, (30,)), torch.randint(1, VOCAB, (6,))], "right")
+    mm.memorize(model, ids, chunk_size=16, attention_mask=mask)
+    # Row 1 fits (6 + 30 <= 40) but row 0 would reach 60: refused, nothing changed.
+    longer, mask2 = _padded([torch.randint(1, VOCAB, (30,)), torch.randint(1, VOCAB, (2,))], "right")
+    with pytest.raises(ValueError, match="learned positions"):
+        mm.memorize(model, longer, chunk_size=16, attention_mask=mask2)
+    assert positions_of(model).offset.tolist() == [30, 6]
+    # The same tokens swapped between rows fit: each row is checked against its own offset.
+    mm.memorize(model, longer.flip(0), chunk_size=16, attention_mask=mask2.flip(0))
+    assert positions_of(model).offset.tolist() == [32, 36]
