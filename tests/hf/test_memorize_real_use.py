@@ -154,3 +154,28 @@ def test_padded_memorize_checks_learned_positions_per_row():
     # The same tokens swapped between rows fit: each row is checked against its own offset.
     mm.memorize(model, longer.flip(0), chunk_size=16, attention_mask=mask2.flip(0))
     assert positions_of(model).offset.tolist() == [32, 36]
+
+
+def test_a_padded_memorize_that_fails_midway_leaves_every_memory_as_it_was(monkeypatch):
+    import sys
+
+    memorize_module = sys.modules["memlayers.hf.memorize"]  # the package's ``memorize`` is the function
+    model, before = _pair("llama", mm.KNNMemoryConfig(top_k=8, backend="torch"),
+                          mm.TitansMemoryConfig(layers=[1], chunk_size=4, backend="torch"))
+    ids, mask = _padded([torch.randint(1, VOCAB, (12,)), torch.randint(1, VOCAB, (7,))], "left")
+    for m in (model, before):
+        mm.memorize(m, ids, chunk_size=8, attention_mask=mask)
+    one_row = memorize_module.memorize
+    calls = []
+
+    def fail_on_the_second_row(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return one_row(*args, **kwargs)
+
+    monkeypatch.setattr(memorize_module, "memorize", fail_on_the_second_row)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        one_row(model, ids, chunk_size=8, attention_mask=mask)
+    assert len(calls) == 2  # row 0 was memorized before the failure
+    _assert_same_memories(model, before)
