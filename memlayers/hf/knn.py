@@ -127,8 +127,9 @@ class KNNAttention(BaseLayerWrapper):
                 raise RuntimeError("memorize runs the model without a KV cache; got keys beyond the current chunk")
             self.store(_pre_rotary(key, rotary), value)
         elif self.recorded is not None:
-            # A decode step's key/value hold the cache too; this step's tokens are the last T.
-            self.recorded.append((_pre_rotary(key[:, :, -T:], rotary), value[:, :, -T:]))
+            # A decode step's key/value hold the cache too; this step's tokens are the last T. Copies:
+            # a view would keep each step's whole cache tensor alive (quadratic memory in the length).
+            self.recorded.append((_pre_rotary(key[:, :, -T:], rotary).clone(), value[:, :, -T:].clone()))
         return result
 
     def store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
