@@ -124,9 +124,9 @@ def writing(model):
     Inside the block the memories are read as they were when it opened (the tokens of the block are
     in the model's own KV cache meanwhile); the kNN layers keep each token's keys and values and the
     Titans layers their inputs. When the block ends without an exception they are stored after the
-    memorized tokens, in reading order, as ``memorize`` of the same tokens would store them (kNN:
-    the same keys, values and positions; Titans learns them in one call), and positions continue
-    after them. ``generate`` never reads the last token it samples: feed it back as the start of the
+    memorized tokens, in reading order, as ``memorize`` of the same tokens in one chunk would store
+    them (kNN: the same keys, values and positions; Titans learns them in one call; tested equal),
+    and positions continue after them. ``generate`` never reads the last token it samples: feed it back as the start of the
     next input (or ``memorize`` it) to keep it. Every token of every row is stored: prompts without
     padding, one sequence per memorized row (greedy or sampling; no beams), the default dynamic
     cache. An exception inside the block stores nothing.
