@@ -19,7 +19,7 @@ from .memory import KNNMemory, KNNSearchResult
 from .ops import knn_search, memory_attention, merge_attention, titans_memory
 
 # HuggingFace integration: resolved on first access, so `import memlayers` never imports transformers.
-_HF_EXPORTS = ("attach", "detach", "memorize", "reset_memory", "save_pretrained", "from_pretrained",
+_HF_EXPORTS = ("attach", "detach", "memorize", "reset_memory", "writing", "save_pretrained", "from_pretrained",
                "load_memory", "load_pretrained", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig",
                "PKMConfig")
 

@@ -11,11 +11,11 @@ transformers is imported lazily (inside functions): importing this package does 
 """
 from .attach import attach, detach
 from .config import DKVBConfig, KNNMemoryConfig, PKMConfig, TitansMemoryConfig
-from .memorize import memorize, reset_memory
+from .memorize import memorize, reset_memory, writing
 from .persist import from_pretrained, load_memory, save_pretrained
 from .pretrained import load_pretrained
 
 __all__ = [
-    "attach", "detach", "memorize", "reset_memory", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig", "PKMConfig",
+    "attach", "detach", "memorize", "reset_memory", "writing", "KNNMemoryConfig", "TitansMemoryConfig", "DKVBConfig", "PKMConfig",
     "save_pretrained", "from_pretrained", "load_memory", "load_pretrained",
 ]

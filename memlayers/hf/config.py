@@ -66,10 +66,12 @@ class _Base:
 
     kind = ""
     deprecated = ()  # old field names, kept for one release
+    runtime = ()  # fields that belong to this process (a process group): never saved
 
     def to_dict(self) -> Dict[str, object]:
         # Deprecated fields are translated by __post_init__ and left None: never saved.
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.deprecated}
+        skip = set(self.deprecated) | set(self.runtime)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         if callable(d["layers"]):
             raise ValueError("a config whose layers is a filter function cannot be saved; resolve it first")
         if isinstance(d["layers"], tuple):
@@ -105,6 +107,10 @@ class KNNMemoryConfig(_Base):
         gate_init: initial gate logit for ``combine="gate"``.
         fixed_distance: the relative distance of every memory under ``position="fixed"``.
         store: deprecated spelling of ``index`` (``"exact"|"faiss"``).
+        process_group: a ``torch.distributed`` group to shard every layer's memory over (exact index
+            only): ``capacity`` is then the global capacity, striped over the ranks, and every rank
+            gets what one unsharded memory would give (``ml.KNNMemory``'s ``process_group``). It belongs
+            to this process: ``save_pretrained`` does not save it (each rank saves its own shard).
 
     Defaults are ``ml.KNNMemoryAttention``'s (``memlayers.layers.knn_read`` says why).
     """
@@ -120,9 +126,11 @@ class KNNMemoryConfig(_Base):
     gate_init: float = 0.0
     fixed_distance: int = DEFAULT_FIXED_DISTANCE
     store: Optional[str] = None
+    process_group: Optional[object] = None
 
     kind = "knn"
     deprecated = ("store",)
+    runtime = ("process_group",)
 
     def __post_init__(self):
         _check_layers(self.layers)
@@ -139,6 +147,14 @@ class KNNMemoryConfig(_Base):
             raise TypeError(f"gate_init must be a float, got {type(self.gate_init).__name__}")
         if not math.isfinite(self.gate_init):
             raise ValueError(f"gate_init must be finite, got {self.gate_init}")
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            if not isinstance(self.process_group, dist.ProcessGroup):
+                raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got "
+                                f"{type(self.process_group).__name__}")
+            if self.index != "exact":
+                raise ValueError(f"process_group shards the exact index only, got index={self.index!r}")
 
 
 def _check_bool(name: str, value) -> None:

@@ -71,7 +71,8 @@ class KNNAttention(BaseLayerWrapper):
         if mem is not None and mem.batch_size == batch_size and mem.device == device and mem.dtype == dtype:
             return
         self.memory = KNNMemory(batch_size, self.kv_heads, self.head_dim, capacity=cfg.capacity,
-                                index=cfg.index, metric=cfg.metric, backend=cfg.backend, device=device, dtype=dtype)
+                                index=cfg.index, metric=cfg.metric, backend=cfg.backend, device=device, dtype=dtype,
+                                process_group=cfg.process_group)
         self.memory.train(self.training)
 
     def holds_memories(self) -> bool:
