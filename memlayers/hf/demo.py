@@ -93,6 +93,8 @@ def run_real_demo(model_name: str = "smollm2", doc_tokens: int = 2048, window: i
                       "memorized": ids[:-window], "prompt": ids[-window:] + question})
 
     # Window only, and the plain forward over the chunks memorize will see (no memory attached yet).
+    print(f"  {model_name} loaded in {load_s:.0f} s; answering {len(cases)} needles with the window alone, "
+          f"then with kNN memory ...", flush=True)
     plain_s, plain_tokens, window_steps = 0.0, 0, []
     with torch.no_grad():
         for case in cases:
