@@ -4,9 +4,11 @@ TRITON_INTERPRET must be set before any kernel is decorated, i.e. before memlaye
 are imported (they are imported lazily, on first use).
 """
 import os
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -52,3 +54,18 @@ def host_reads(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counting)
     return reads
+
+
+@pytest.fixture(scope="module")
+def gloo_group():
+    """A gloo process group of one rank in this process: runs the sharded code paths (their equality on
+    several ranks is tested with spawned processes)."""
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'init')}", rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()

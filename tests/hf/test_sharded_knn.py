@@ -3,51 +3,34 @@ the attached model gives what the unsharded one gives, and the group is never sa
 gloo group of one rank: the sharded store and the sharded read path both run (the equality on several
 ranks is tested on the store itself, tests/memory/test_sharded.py)."""
 import copy
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 
 import memlayers.hf as mm
 
 from hf_tiny import VOCAB, logits, tiny_model
 
 
-@pytest.fixture(scope="module")
-def group():
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'init')}", rank=0, world_size=1)
-        try:
-            yield dist.group.WORLD
-        finally:
-            dist.destroy_process_group()
-
-
-def test_sharded_memory_equals_unsharded(group, tmp_path):
+def test_sharded_memory_equals_unsharded(gloo_group, tmp_path):
     torch.manual_seed(0)
     base = tiny_model("llama")
     ids = torch.randint(1, VOCAB, (2, 50))
     outs = []
-    for process_group in (None, group):
+    for process_group in (None, gloo_group):
         model = copy.deepcopy(base)
         mm.attach(model, mm.KNNMemoryConfig(layers=[0, 1], top_k=6, capacity=37, backend="torch",
                                             process_group=process_group))
         mm.memorize(model, ids[:, :40], chunk_size=16)  # 40 tokens into 37 slots: the ring wraps
         outs.append(logits(model, ids[:, 40:]))
-    assert model.model.layers[0].self_attn.memory.process_group is group
+    assert model.model.layers[0].self_attn.memory.process_group is gloo_group
     assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outs[0], logits(base, ids[:, 40:]), rtol=1e-3, atol=1e-3)  # memory matters
     mm.save_pretrained(model, tmp_path)  # the group belongs to this process: not in the saved config
     assert "process_group" not in (tmp_path / "memlayers.json").read_text()
 
 
-def test_process_group_is_checked(group):
+def test_process_group_is_checked(gloo_group):
     with pytest.raises(TypeError, match="process_group"):
         mm.KNNMemoryConfig(process_group="world")
     with pytest.raises(ValueError, match="exact index only"):
-        mm.KNNMemoryConfig(index="flat", process_group=group)
+        mm.KNNMemoryConfig(index="flat", process_group=gloo_group)

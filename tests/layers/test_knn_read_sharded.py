@@ -1,12 +1,8 @@
 """The kNN read path over a sharded memory (slot ids are global, winners come back gathered) equals
 the read over one unsharded memory, for every position policy. One process, a gloo group of one rank:
 the sharded search and the per-query re-indexing of its winners both run."""
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from memlayers.layers.knn_read import read_memory
 from memlayers.layers.rotary import RotaryCache, apply_rotary
@@ -14,25 +10,12 @@ from memlayers.memory import KNNMemory
 from memlayers.ops.utils.testing import rel_err
 
 
-@pytest.fixture(scope="module")
-def group():
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    with tempfile.TemporaryDirectory() as d:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'init')}", rank=0, world_size=1)
-        try:
-            yield dist.group.WORLD
-        finally:
-            dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("position", ["rotate", "none", "fixed"])
-def test_sharded_read_equals_unsharded(group, position):
+def test_sharded_read_equals_unsharded(gloo_group, position):
     torch.manual_seed(0)
     B, Hkv, Hq, T, D, C, k = 2, 2, 6, 5, 16, 37, 7
     plain = KNNMemory(B, Hkv, D, capacity=C, backend="torch")
-    sharded = KNNMemory(B, Hkv, D, capacity=C, backend="torch", process_group=group)
+    sharded = KNNMemory(B, Hkv, D, capacity=C, backend="torch", process_group=gloo_group)
     for n in (20, 30):  # the second add wraps the ring
         keys, values = torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
         plain.add(keys, values)
