@@ -15,7 +15,7 @@ from .hf import HFResponder, MemoryUnavailableError, ModelLoadError, attach_memo
 from .mqar import MQARBatch, MQARModel, MQARResult, evaluate_mqar, mqar_data, train_mqar
 from .plots import plot_curves, plot_heatmap, plots_available, summary_markdown
 from .runner import load_records, run_cells, text_evaluator
-from .runs import run_mqar, run_needle, run_passkey, run_retention, write_report
+from .runs import run_mqar, run_needle, run_parametric_retention, run_passkey, run_retention, write_report
 from .scoring import string_match_all, string_match_part
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "retention_sample", "Haystack", "depth_grid", "parse_size", "parse_sizes", "prompt_tokens", "HFResponder",
     "MemoryUnavailableError", "ModelLoadError", "attach_memory", "load_model", "MQARBatch", "MQARModel", "MQARResult", "evaluate_mqar",
     "mqar_data", "train_mqar", "plot_curves", "plot_heatmap", "plots_available", "summary_markdown", "load_records", "run_cells",
-    "text_evaluator", "run_mqar", "run_needle", "run_passkey", "run_retention", "write_report",
+    "text_evaluator", "run_mqar", "run_needle", "run_passkey", "run_retention",
+    "run_parametric_retention", "write_report",
     "string_match_all", "string_match_part",
 ]

@@ -23,6 +23,8 @@ AXIS_LABELS = {
     "load": "Further facts written",
     "seq_len": "Sequence length (tokens)",
     "num_kv_pairs": "Key-value pairs",
+    "after_batch": "Fact batches injected (0-based)",
+    "facts_batch": "Facts of batch",
 }
 
 

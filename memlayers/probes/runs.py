@@ -174,7 +174,8 @@ def run_retention(
     plots: bool = True,
 ) -> List[Dict]:
     """Retention over ``distances x loads`` (see ``retention_sample``); returns the records and
-    draws accuracy-vs-distance and accuracy-vs-load curves."""
+    draws accuracy-vs-distance and accuracy-vs-load curves. Facts written into the weights
+    (fine-tuning, memory injection) are measured by ``run_parametric_retention``."""
     check_tokenizer(tokenizer)
     distances = _sizes("distances", distances, 0)
     loads = _sizes("loads", loads, 0)
@@ -189,6 +190,68 @@ def run_retention(
     return _run_text_probe(responder, out_dir, config, cells, make, samples=samples, save_prompts=save_prompts,
                            overwrite=overwrite, progress=progress, plots=plots, desc="retention",
                            x="distance", y="load", title="retention", curves=True)
+
+
+def run_parametric_retention(
+    inject: Callable[[int], Callable[[int], Union[float, Dict]]],
+    out_dir,
+    *,
+    batches: int,
+    name: Optional[str] = None,
+    config: Optional[Dict] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+) -> List[Dict]:
+    """Retention of facts written into the weights, batch after batch (the parametric mode of the
+    retention probe; ``run_retention`` measures facts held in the context).
+
+    ``inject(b)`` writes fact batch ``b`` (called for ``b = 0, 1, ...`` in order, each once) and
+    returns a responder ``facts_batch -> score`` (a float in [0, 1], or a dict with ``"score"`` and
+    anything else to record) for the model as it is after batch ``b``. The cells are
+    ``{"after_batch": b, "facts_batch": j}`` for ``j <= b``; returns their records, drawn as
+    retention curves (score vs batches injected, one line per facts batch).
+
+    A rerun into the same folder keeps the records there and replays the injections up to the
+    first batch that has cells left (the weights are not saved, the injections are the state).
+
+    Args:
+        inject: ``b -> responder``, as above.
+        batches: how many fact batches are injected.
+        name, config: what the records say about the model and the method (JSON-serializable).
+    """
+    if not callable(inject):
+        raise TypeError(f"inject must be callable (batch -> responder), got {type(inject).__name__}")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
+    run_config = {"probe": "parametric_retention", "model": name or getattr(inject, "__name__", "inject"),
+                  "batches": batches, **(config or {})}
+    cells = [{"after_batch": b, "facts_batch": j} for b in range(batches) for j in range(b + 1)]
+    injected: List[Callable] = []  # injected[b]: the responder after batch b
+
+    def evaluate(cell):
+        while len(injected) <= cell["after_batch"]:
+            responder = inject(len(injected))
+            if not callable(responder):
+                raise TypeError(f"inject({len(injected)}) must return a responder (facts_batch -> score), "
+                                f"got {type(responder).__name__}")
+            injected.append(responder)
+        result = injected[cell["after_batch"]](cell["facts_batch"])
+        result = dict(result) if isinstance(result, dict) else {"score": result}
+        score = result.get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+            raise ValueError(f"the responder after batch {cell['after_batch']} must score facts batch "
+                             f"{cell['facts_batch']} in [0, 1], got {score!r}")
+        return {**result, "score": float(score)}
+
+    records = run_cells(out_dir, run_config, cells, evaluate, overwrite=overwrite, progress=progress,
+                        desc="parametric retention")
+    if plots:
+        write_report(out_dir, records, x="after_batch", y="facts_batch",
+                     title=f"parametric retention: {run_config['model']}", curves=True)
+    return records
 
 
 def run_mqar(
