@@ -33,24 +33,27 @@ def local_attention_naive(
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P, G = S - T, Hq // Hkv
-    # Query head h = hk * G + g reads kv-head hk: fold the group into an axis instead of copying k, v.
+    # Query head h = hk * G + g reads kv-head hk: each chunk's (G, t) queries are one row axis per
+    # kv-head, so k and v are read as they are (a broadcast over G would copy them G times).
     qf = q.float().reshape(B, Hkv, G, T, D)
-    kf = k.float()[:, :, None]
-    vf = v.float()[:, :, None]
+    kt = k.float().transpose(-1, -2)
+    vf = v.float()
     key = torch.arange(S, device=q.device)
     outs, lses = [], []
     chunk = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * Hq * S))
     for t0 in range(0, T, chunk):
         qc = qf[:, :, :, t0:t0 + chunk]
-        rows = torch.arange(t0, t0 + qc.shape[3], device=q.device)
+        t = qc.shape[3]
+        rows = torch.arange(t0, t0 + t, device=q.device)
         visible = key[None, :] <= rows[:, None] + P  # [t, S]: the prefix, then causal
         visible = visible[None].expand(B, -1, -1)
         if prefix_valid is not None and P:
             visible = visible & ((key >= P)[None, None, :] | prefix_valid[:, None, None])
-        s = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # [B, Hkv, G, t, S]
+        s = torch.matmul(qc.reshape(B, Hkv, G * t, D), kt).view(B, Hkv, G, t, S) * scale
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # every query sees at least itself: finite
-        outs.append(torch.matmul(torch.exp(s - lse[..., None]), vf))
+        p = torch.exp(s - lse[..., None]).view(B, Hkv, G * t, S)
+        outs.append(torch.matmul(p, vf).view(B, Hkv, G, t, -1))
         lses.append(lse)
     out = torch.cat(outs, dim=3).reshape(B, Hq, T, -1)
     lse = torch.cat(lses, dim=3).reshape(B, Hq, T)
