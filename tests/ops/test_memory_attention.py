@@ -123,10 +123,16 @@ def test_noncontiguous_q_and_unused_lse(device):
     assert_rel_close(res[0][1], res[1][1], 1e-5, "dq")
 
 
-def test_naive_matches_explicit_softmax():
+# C = 12: the queries read more rows than there are slots (every slot is rotated once, then read);
+# C = 200: fewer (the rows read are rotated). Keys as given, or dim-major as KNNMemory keeps them on CPU.
+@pytest.mark.parametrize("C", [12, 200])
+@pytest.mark.parametrize("dim_major", [False, True])
+def test_naive_matches_explicit_softmax(C, dim_major):
     """The specification itself, against a per-query loop over its retrieved rows (rotary, GQA)."""
-    B, Hq, Hkv, T, D, C, k = 1, 4, 2, 3, 8, 12, 5
+    B, Hq, Hkv, T, D, k = 1, 4, 2, 3, 8, 5
     q, keys, values = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, C, D), torch.randn(B, Hkv, C, D)
+    if dim_major:
+        keys = keys.transpose(-1, -2).contiguous().transpose(-1, -2)
     idx = torch.randint(-1, C, (B, Hq, T, k))
     pos = torch.randint(0, 40, (B, C))
     cos, sin = rotary_tables(40, D, "cpu")

@@ -9,8 +9,8 @@ For query ``q[b, h, t]`` (kv-head ``hk = h // (Hq // Hkv)``) and its retrieved s
     lse     = log sum_j exp(s_j)                      (-inf when every slot is missing)
     out     = sum_j exp(s_j - lse) * mem_values[b, hk, j]   (0 when every slot is missing)
 
-Everything is computed in fp32; ``out`` is returned in q's dtype, ``lse`` in fp32. This path gathers a
-``[B, Hq, T, k, D]`` tensor (the "torch gather" baseline); the Triton kernel never does.
+Everything is computed in fp32; ``out`` is returned in q's dtype, ``lse`` in fp32. This path gathers
+``[B, Hq, T, k, D]`` keys and values (the "torch gather" baseline); the Triton kernel never does.
 
 ``merge_attention_naive`` combines two partial softmaxes over disjoint key sets into the joint softmax.
 """
@@ -27,13 +27,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _gather_rows(buf: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
-    # buf [B, Hkv, C, E], safe [B, Hq, T, k] -> [B, Hq, T, k, E]. Query head h = hk * G + g reads
-    # kv-head hk, so (G, T, k) folds into one index axis per kv-head and no head is duplicated.
-    B, Hq, T, k = safe.shape
-    Hkv, E = buf.shape[1], buf.shape[3]
-    idx = safe.reshape(B, Hkv, -1, 1).expand(-1, -1, -1, E)
-    return buf.gather(2, idx).reshape(B, Hq, T, k, E)
+def _rows(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``buf [B, Hkv, C, E]``, ``slots [B, Hkv, n]`` -> ``[B, Hkv, n, E]``: the rows each kv-head reads.
+
+    Query head ``h = hk * G + g`` reads kv-head ``hk``, so a query's (G, T, k) reads are one axis per
+    kv-head and no head is duplicated. A contiguous buffer is read with one row copy per read; any
+    other layout (the dim-major keys of ``KNNMemory`` on CPU) element by element.
+    """
+    B, Hkv, C, E = buf.shape
+    if buf.is_contiguous():
+        base = torch.arange(B * Hkv, device=slots.device).view(B, Hkv, 1) * C
+        return buf.reshape(-1, E).index_select(0, (slots + base).reshape(-1)).view(B, Hkv, -1, E)
+    return buf.gather(2, slots[..., None].expand(-1, -1, -1, E))
+
+
+def _rotate(keys: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``keys [B, Hkv, n, D]`` (fp32) rotated at ``positions [B, Hkv|1, n]`` (clamped into the tables)."""
+    rows = positions.clamp(0, cos.shape[0] - 1).reshape(-1)
+    shape = (*positions.shape, keys.shape[-1])
+    c = cos.float().index_select(0, rows).view(shape)
+    s = sin.float().index_select(0, rows).view(shape)
+    return keys * c + rotate_half(keys) * s
 
 
 def memory_attention_naive(
@@ -47,17 +61,31 @@ def memory_attention_naive(
     rotary_sin: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, T, D], mem_keys [B, Hkv, C, D], mem_values [B, Hkv, C, Dv], indices [B, Hq, T, k]
-    -> (out [B, Hq, T, Dv] in q's dtype, lse [B, Hq, T] fp32). Inputs are assumed validated."""
-    B, Hq, T, _ = q.shape
-    valid = indices >= 0
-    safe = indices.clamp_min(0).long()
-    keys = _gather_rows(mem_keys.float(), safe)
-    values = _gather_rows(mem_values.float(), safe)
-    if rotary_cos is not None:
-        pos = mem_positions.gather(1, safe.reshape(B, -1)).reshape(safe.shape).clamp_min(0)
-        keys = keys * rotary_cos.float()[pos] + rotate_half(keys) * rotary_sin.float()[pos]
+    -> (out [B, Hq, T, Dv] in q's dtype, lse [B, Hq, T] fp32). Inputs are assumed validated.
 
-    scores = torch.einsum("bhtd,bhtkd->bhtk", q.float(), keys) * scale
+    A chunk of many queries reads more rows than the buffers hold (``G * T * k >= C``): then every
+    slot is converted (and rotated) once, laid out slot-major, and the reads copy finished rows. A
+    few queries (decode) read their rows first and rotate only those.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, C = mem_keys.shape[1], mem_keys.shape[2]
+    k = indices.shape[3]
+    valid = indices >= 0
+    slots = indices.clamp_min(0).long().reshape(B, Hkv, -1)  # [B, Hkv, G * T * k]
+    rotary = rotary_cos is not None
+    if slots.shape[2] >= C:
+        keys = mem_keys.contiguous().float()
+        if rotary:
+            keys = _rotate(keys, mem_positions[:, None], rotary_cos, rotary_sin)
+        keys = _rows(keys, slots)
+        values = _rows(mem_values.contiguous().float(), slots)
+    else:
+        keys = _rows(mem_keys, slots).float()
+        if rotary:
+            keys = _rotate(keys, mem_positions.gather(1, slots.reshape(B, -1)).view(slots.shape), rotary_cos, rotary_sin)
+        values = _rows(mem_values, slots).float()
+    rows = B * Hq * T
+    scores = torch.bmm(keys.view(rows, k, D), q.float().reshape(rows, D, 1)).view(B, Hq, T, k) * scale
     scores = scores.masked_fill(~valid, float("-inf"))
     m = scores.amax(dim=-1)
     # A query with no valid memory has m = -inf; shifting by 0 instead keeps exp() finite (all zeros).
@@ -65,7 +93,7 @@ def memory_attention_naive(
     p = torch.exp(scores - m[..., None])
     l = p.sum(dim=-1)
     tiny = torch.finfo(torch.float32).tiny
-    out = torch.einsum("bhtk,bhtkd->bhtd", p, values) / l.clamp_min(tiny)[..., None]
+    out = torch.bmm(p.view(rows, 1, k), values.view(rows, k, -1)).view(B, Hq, T, -1) / l.clamp_min(tiny)[..., None]
     # l == 0: no valid memory (lse -inf); a NaN score (NaN query) leaves NaN in out and lse alike.
     lse = torch.where(l == 0, torch.full_like(l, float("-inf")), m + torch.log(l.clamp_min(tiny)))
     return out.to(q.dtype), lse
