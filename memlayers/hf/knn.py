@@ -113,10 +113,17 @@ class KNNAttention(BaseLayerWrapper):
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             out_l, lse_l = local_attention(query, key, value, attention_mask, scale, backend=cfg.backend)
             positions = self.positions
+            in_context = {}
+            if self.writing and key.shape[2] > query.shape[2]:
+                # memorize's local context (the cache) holds the memorized tokens from offset - cached
+                # on: they are read locally, not again from the memory.
+                cached = key.shape[2] - query.shape[2]
+                in_context = dict(xl_start=positions.offset - cached,
+                                  xl_valid=torch.ones_like(positions.offset, dtype=torch.bool))
             out_m, lse_m = read_memory(
                 mem, _pre_rotary(query, rotary), query, top_k=cfg.top_k, scale=scale, position=cfg.position,
                 rope=positions.rope if rotary is not None else None, fixed_distance=cfg.fixed_distance,
-                backend=cfg.backend, max_position=positions.memorized)
+                backend=cfg.backend, max_position=positions.memorized, **in_context)
             out = combine_memory(out_l, lse_l, out_m, lse_m, cfg.combine, self.gate)
             result = out.to(query.dtype).transpose(1, 2).contiguous(), None
         else:
@@ -124,9 +131,8 @@ class KNNAttention(BaseLayerWrapper):
         # Written after reading: a chunk attends to its own tokens locally (causally), never as memories.
         T = query.shape[2]
         if self.writing:
-            if key.shape[2] != T:
-                raise RuntimeError("memorize runs the model without a KV cache; got keys beyond the current chunk")
-            self.store(_pre_rotary(key, rotary), value)
+            # memorize's keys hold its local context (the cache) first: this chunk's tokens are the last T.
+            self.store(_pre_rotary(key[:, :, -T:], rotary), value[:, :, -T:])
         elif self.recorded is not None:
             # A decode step's key/value hold the cache too; this step's tokens are the last T. Copies:
             # a view would keep each step's whole cache tensor alive (quadratic memory in the length).

@@ -2,6 +2,7 @@
 reads into them) and ``reset_memory``."""
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Optional
 
@@ -36,15 +37,22 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
              attention_mask: Optional[torch.Tensor] = None, progress: Optional[bool] = None):
     """Stream ``input_ids`` through the model chunk by chunk, writing each chunk into the memories.
 
-    Each chunk attends to its own tokens (causally) and to what earlier chunks left in the memories,
-    then its keys/values are stored (kNN) and the memories' states advance (Titans). Afterwards the
-    model continues the text: ``model(rest)`` or ``model.generate(rest)`` see positions that follow
-    the memorized tokens, and the memories.
+    Each chunk attends locally to its own tokens (causally) and to the ``chunk_size`` tokens before
+    it, held in the model's KV cache (a sliding window, as the model would read the text), and to
+    what earlier chunks left in the memories (less the tokens already in that local context, which
+    must not count twice); then its keys/values are stored (kNN) and the memories' states advance
+    (Titans). The local context matters on real models: a chunk run without the tokens before it
+    turns its first tokens into attention sinks (keys that every query scores highly), and stored,
+    they would fill every later query's top-k. Afterwards the model continues the text:
+    ``model(rest)`` or ``model.generate(rest)`` see positions that follow the memorized tokens, and
+    the memories. Separate ``memorize`` calls are separate streams: a call starts without local
+    context (the previous call's tokens are in the memories only).
 
     Args:
         model: a model with memory attached (``attach``).
         input_ids: ``[B, N]`` token ids on the model's device; row b goes to memory row b.
-        chunk_size: tokens per forward pass (the local attention window while memorizing).
+        chunk_size: tokens per forward pass, and the tokens of local context kept before each chunk
+            (each token sees between ``chunk_size`` and ``2 * chunk_size - 1`` tokens locally).
         attention_mask: ``[B, N]`` of 0/1 (None: all ones). Rows of different lengths come padded
             (left or right): tokens where the mask is 0 are never stored, and each row's positions
             count only its own tokens. A padded batch is memorized row by row (each row's memories
@@ -95,21 +103,42 @@ def memorize(model, input_ids: torch.Tensor, chunk_size: int = 512,
     decoder = base_model(model)
     # The wrappers that write learn from what they see while their ``writing`` is set (this call only).
     writers = memory_wrappers(model, ("knn", "titans"))
+    cache = None  # the local context: the last chunk_size tokens' keys/values in every layer
+    cache_arg = _cache_argument(decoder)
     try:
         for start in starts:
             chunk = input_ids[:, start:start + chunk_size]
             for w in writers:
                 w.writing = True
-            # The decoder stack alone: memorizing needs no logits.
-            decoder(input_ids=chunk, use_cache=False)
+            # The decoder stack alone: memorizing needs no logits. Position ids count from the chunk's
+            # first token (PositionShift adds the memorized tokens); the cache sits before them.
+            out = decoder(input_ids=chunk, use_cache=True, **{cache_arg: cache},
+                          position_ids=torch.arange(chunk.shape[1], device=chunk.device)[None])
             for w in writers:
                 w.writing = False
+            cache = _last_tokens(getattr(out, cache_arg), chunk_size, decoder.config)
             if pos is not None:
                 pos.advance(chunk.shape[1])
     finally:
         for w in writers:
             w.writing = False
     return model
+
+
+def _cache_argument(decoder) -> str:
+    """The name of the KV cache in the decoder's forward and output (``cache`` since transformers
+    5.24, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _last_tokens(cache, tokens: int, config):
+    """A new ``DynamicCache`` that holds the last ``tokens`` keys/values of every layer of ``cache``."""
+    from transformers import DynamicCache
+
+    kept = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        kept.update(layer.keys[:, :, -tokens:], layer.values[:, :, -tokens:], i)
+    return kept
 
 
 @contextmanager
