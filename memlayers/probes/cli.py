@@ -113,6 +113,10 @@ def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> Non
     p.add_argument("--memory-option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="field of the memory's config class (KNNMemoryConfig / TitansMemoryConfig); repeatable")
     p.add_argument("--chunk-size", type=_positive_int, default=512, help="tokens per memorize() call with --memory (default 512)")
+    p.add_argument("--window", type=_positive_int, default=None, metavar="N",
+                   help="the model reads only the last N context tokens and the question; with --memory the "
+                        "context before them is memorized first (default: the whole context without memory, "
+                        "none of it with memory)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights' dtype (default: as saved)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
@@ -269,9 +273,11 @@ def _knn_capacity(options: Dict):
         return None
 
 
-def _check_lengths(option: str, lengths: Sequence[int], model: str, memory: str, options: Dict) -> None:
+def _check_lengths(option: str, lengths: Sequence[int], model: str, memory: str, options: Dict,
+                   window=None) -> None:
     """Before the model loads: the longest prompt must fit the model's positions, or with kNN memory
-    (the context goes into the memory) what the memory holds."""
+    (the context goes into the memory) what the memory holds; with a ``window`` and no memory the
+    model reads only the window and the question."""
     longest = max(lengths)
     if memory == "knn":
         capacity = _knn_capacity(options)
@@ -279,6 +285,8 @@ def _check_lengths(option: str, lengths: Sequence[int], model: str, memory: str,
             raise _UsageError(f"{option}: {longest} tokens exceed what the kNN memory holds ({capacity} tokens); "
                               "give shorter lengths or a larger --memory-option capacity=N")
         return
+    if window is not None and memory == "none":
+        return  # the model reads the window and the question only
     limit = _model_positions(model)
     if limit is not None and longest > limit[0]:
         raise _UsageError(f"{option}: {longest} tokens exceed the model's {limit[0]} positions ({limit[1]})")
@@ -309,15 +317,15 @@ def _run_text(args) -> Path:
     name = f"needle-{args.variant}" if args.probe == "needle" else args.probe
     out = args.out / name
     if args.probe == "retention":
-        _check_lengths("--distances", args.distances, args.model, args.memory, dict(args.memory_option))
+        _check_lengths("--distances", args.distances, args.model, args.memory, dict(args.memory_option), args.window)
     else:
-        _check_lengths("--lengths", args.lengths, args.model, args.memory, dict(args.memory_option))
+        _check_lengths("--lengths", args.lengths, args.model, args.memory, dict(args.memory_option), args.window)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args))
     memory_config = _memory_setup(model, args)
     default_tokens = {"needle": 128, "passkey": 16, "retention": 32}[args.probe]
     responder = HFResponder(model, tokenizer, max_new_tokens=args.max_new_tokens or default_tokens,
-                            memory=args.memory != "none", chunk_size=args.chunk_size, name=args.model,
-                            memory_config=memory_config)
+                            memory=args.memory != "none", chunk_size=args.chunk_size, window=args.window,
+                            name=args.model, memory_config=memory_config)
     common = dict(seed=args.seed, samples=args.samples, save_prompts=args.save_prompts,
                   overwrite=args.overwrite, progress=not args.no_progress)
     if args.probe == "needle":

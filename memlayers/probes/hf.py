@@ -117,29 +117,37 @@ def _jsonable(v):
 
 
 class HFResponder:
-    """Answer probe samples with greedy decoding.
+    """Answer probe samples with greedy decoding, under one of three conditions.
 
-    Without memory the model reads ``context + query`` and continues. With memory attached
-    (``memory=True``) each sample starts from a reset memory, the context is written into it with
-    ``memlayers.hf.memorize`` (in ``chunk_size`` pieces) and the model then generates from the
-    query alone, so every fact must come back through the memory.
+    - full context (``window=None``, no memory): the model reads ``context + query``;
+    - window only (``window=N``, no memory): the last N context tokens + query, as a model whose
+      attention reaches N tokens back would read them;
+    - memory (``memory=True``): each sample starts from a reset memory; the context before the last
+      ``window`` tokens is written into it with ``memlayers.hf.memorize`` (in ``chunk_size`` pieces)
+      and the model generates from the last ``window`` context tokens + query, so everything
+      earlier must come back through the memory. ``window=None`` memorizes the whole context and
+      generates from the query alone.
 
     Args:
         model, tokenizer: a causal LM and its tokenizer.
         max_new_tokens: tokens generated per answer.
         memory: whether memlayers memory is attached.
         chunk_size: tokens per ``memorize`` call.
+        window: context tokens the model reads directly (None: all of them without memory, none
+            with memory).
         name, memory_config: what the records say about the model and memory.
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 32, memory: bool = False, chunk_size: int = 512,
-                 name: Optional[str] = None, memory_config: Optional[Dict] = None):
+                 window: Optional[int] = None, name: Optional[str] = None, memory_config: Optional[Dict] = None):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or an int >= 1, got {window!r}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.memory, self.chunk_size = max_new_tokens, memory, chunk_size
+        self.max_new_tokens, self.memory, self.chunk_size, self.window = max_new_tokens, memory, chunk_size, window
         self.config = {
             "model": name or getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
             "memory": memory_config or {"kind": "none"},
@@ -148,22 +156,31 @@ class HFResponder:
         }
         if memory:
             self.config["chunk_size"] = chunk_size
+        if window is not None:
+            self.config["window"] = window
+
+    def _read_ids(self, sample: ProbeSample, device) -> list:
+        """The token ids the model generates from, after memorizing what precedes them (memory)."""
+        if not self.memory and self.window is None:
+            return prompt_tokens(self.tokenizer, sample.context, sample.query)
+        context = self.tokenizer.encode(sample.context, add_special_tokens=True)
+        query = list(self.tokenizer.encode(sample.query, add_special_tokens=False))
+        keep = 0 if self.window is None else min(self.window, len(context))
+        if self.memory:
+            from ..hf import memorize, reset_memory
+
+            reset_memory(self.model)
+            earlier = context[:len(context) - keep]
+            if earlier:
+                memorize(self.model, torch.tensor([earlier], device=device), chunk_size=self.chunk_size)
+        return list(context[len(context) - keep:]) + query
 
     @torch.no_grad()
     def __call__(self, sample: ProbeSample) -> str:
         if not isinstance(sample, ProbeSample):
             raise TypeError(f"sample must be a ProbeSample, got {type(sample).__name__}")
         device = next(self.model.parameters()).device
-        if self.memory:
-            from ..hf import memorize, reset_memory
-
-            context = self.tokenizer.encode(sample.context, add_special_tokens=True)
-            reset_memory(self.model)
-            memorize(self.model, torch.tensor([context], device=device), chunk_size=self.chunk_size)
-            ids = self.tokenizer.encode(sample.query, add_special_tokens=False)
-        else:
-            ids = prompt_tokens(self.tokenizer, sample.context, sample.query)
-        input_ids = torch.tensor([ids], device=device)
+        input_ids = torch.tensor([self._read_ids(sample, device)], device=device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out = self.model.generate(
             input_ids=input_ids,
