@@ -14,7 +14,7 @@ def dim_major(keys: torch.Tensor) -> torch.Tensor:
     return keys.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])  # per-row GEMVs up to MATVEC_ROWS, one GEMM past it
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])  # query rows per kv-head: decode (1-4) and past it
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 def test_layouts_agree(rows, metric):
     torch.manual_seed(rows)
