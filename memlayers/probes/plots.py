@@ -23,8 +23,8 @@ AXIS_LABELS = {
     "load": "Further facts written",
     "seq_len": "Sequence length (tokens)",
     "num_kv_pairs": "Key-value pairs",
-    "after_batch": "Fact batches injected (0-based)",
-    "facts_batch": "Facts of batch",
+    "after_batch": "Last fact batch injected",
+    "facts_batch": "Fact batch asked about",
 }
 
 
@@ -120,7 +120,11 @@ def plot_curves(records: Sequence[Dict], path, *, x: str = "distance", y: str = 
     for j, xv in enumerate(xs):
         pts = [(yv, scores[i][j]) for i, yv in enumerate(ys) if scores[i][j] is not None]
         right.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{x} = {_label(x, xv)}")
-    for ax, axis in ((left, x), (right, y)):
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, axis, values in ((left, x, xs), (right, y, ys)):
+        if all(isinstance(v, int) for v in values):  # counts and batch numbers: no fractional ticks
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(AXIS_LABELS.get(axis, axis))
         ax.set_ylabel("Score")
         ax.set_ylim(-0.05, 1.05)
