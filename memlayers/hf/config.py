@@ -98,6 +98,11 @@ class KNNMemoryConfig(_Base):
             at its stored absolute position, exactly the full-context scores), ``"none"`` (memories
             carry no position: the query before rotary against the stored key), ``"fixed"`` (every
             memory at relative distance ``fixed_distance``, as in InfLLM).
+        max_distance: under ``"rotate"``, the farthest a memory is placed from the end of the
+            memorized text: older memories are read as if that close, so that relative distances stay
+            within what the model was trained on however much is memorized. None: half the model's
+            trained positions (``max_position_embeddings``; the other half leaves room for the local
+            window and what is generated); 0: no limit (exact full-context scores at any distance).
         index: the store's search: ``"exact"`` (fused exact top-k) or a FAISS index ``"flat"``,
             ``"ivf"``, ``"hnsw"``.
         metric: retrieval score: ``"ip"``, ``"cosine"`` or ``"l2"``.
@@ -125,6 +130,7 @@ class KNNMemoryConfig(_Base):
     dtype: Optional[str] = None
     gate_init: float = 0.0
     fixed_distance: int = DEFAULT_FIXED_DISTANCE
+    max_distance: Optional[int] = None
     store: Optional[str] = None
     process_group: Optional[object] = None
 
@@ -140,6 +146,8 @@ class KNNMemoryConfig(_Base):
         check_choice("combine", self.combine, COMBINES)
         check_choice("position", self.position, POSITIONS)
         check_positive_int("fixed_distance", self.fixed_distance, minimum=0)
+        if self.max_distance is not None:
+            check_positive_int("max_distance", self.max_distance, minimum=0)
         check_choice("metric", self.metric, METRICS)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("dtype", self.dtype, DTYPES)

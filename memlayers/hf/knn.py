@@ -51,6 +51,7 @@ class KNNAttention(BaseLayerWrapper):
         self.layer_index = layer_index
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.rotary = rotary
+        self.max_distance = _max_distance(config, base_layer)
         self.writing = False
         self.recorded = None
         self.register_module("memory", None)
@@ -123,7 +124,7 @@ class KNNAttention(BaseLayerWrapper):
             out_m, lse_m = read_memory(
                 mem, _pre_rotary(query, rotary), query, top_k=cfg.top_k, scale=scale, position=cfg.position,
                 rope=positions.rope if rotary is not None else None, fixed_distance=cfg.fixed_distance,
-                backend=cfg.backend, max_position=positions.memorized, **in_context)
+                backend=cfg.backend, max_position=positions.memorized, max_distance=self.max_distance, **in_context)
             out = combine_memory(out_l, lse_l, out_m, lse_m, cfg.combine, self.gate)
             result = out.to(query.dtype).transpose(1, 2).contiguous(), None
         else:
@@ -147,6 +148,15 @@ class KNNAttention(BaseLayerWrapper):
         offset = self.positions.offset
         positions = offset[:, None] + torch.arange(T, device=offset.device)  # [B, T] absolute positions
         mem.add(keys.to(mem.dtype).contiguous(), values.to(mem.dtype).contiguous(), positions)
+
+
+def _max_distance(config: KNNMemoryConfig, base_layer: nn.Module) -> int:
+    """``config.max_distance``, or for None half the positions the model was trained on (its config's
+    ``max_position_embeddings``; 0, no limit, where it names none)."""
+    if config.max_distance is not None:
+        return config.max_distance
+    trained = getattr(getattr(base_layer, "config", None), "max_position_embeddings", None)
+    return trained // 2 if isinstance(trained, int) and trained > 1 else 0
 
 
 def _pre_rotary(x: torch.Tensor, rotary) -> torch.Tensor:

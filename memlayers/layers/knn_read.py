@@ -51,6 +51,7 @@ def read_memory(
     max_position: int = 0,
     xl_start: Optional[torch.Tensor] = None,
     xl_valid: Optional[torch.Tensor] = None,
+    max_distance: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each query's ``top_k`` memories of its batch row, attended under the position policy.
 
@@ -61,6 +62,9 @@ def read_memory(
         top_k, scale, position, fixed_distance, backend: as in ``KNNMemoryAttention``.
         rope: the rotary tables (None: no rotary embedding; then ``position`` is ignored).
         max_position: an upper bound on the stored positions (``"rotate"`` reads tables that far).
+        max_distance: under ``"rotate"``, memories stored before ``max_position - max_distance`` are
+            read as if stored there (0: no limit): relative distances stay within what the model was
+            trained on however long the memorized text (``clamped_positions``).
         xl_start, xl_valid: ``[B]``: row b's memories at positions ``>= xl_start[b]`` are skipped
             where ``xl_valid[b]`` (they are in the local context already, and must not count twice).
 
@@ -79,11 +83,12 @@ def read_memory(
         out, lse = _attend_memories(
             q.reshape(B * Hq, 1, T, -1), q_rot.reshape(B * Hq, 1, T, -1), *_per_query_memory(res, indices),
             memory_dtype=memory.dtype, scale=scale, position=position, rope=rope, fixed_distance=fixed_distance,
-            backend=backend, max_position=max_position)
+            backend=backend, max_position=max_position, max_distance=max_distance)
         return out.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
     return _attend_memories(q, q_rot, memory.keys, memory.values, memory.positions, indices,
                                  memory_dtype=memory.dtype, scale=scale, position=position, rope=rope,
-                                 fixed_distance=fixed_distance, backend=backend, max_position=max_position)
+                                 fixed_distance=fixed_distance, backend=backend, max_position=max_position,
+                                 max_distance=max_distance)
 
 
 def _per_query_memory(res, indices: torch.Tensor):
@@ -97,8 +102,17 @@ def _per_query_memory(res, indices: torch.Tensor):
     return keys, values, positions, slots.masked_fill(indices.reshape(B * Hq, 1, T, k) < 0, -1)
 
 
+def clamped_positions(positions: torch.Tensor, max_position: int, max_distance: int) -> torch.Tensor:
+    """``positions`` with those before ``max_position - max_distance`` moved up to it (``max_distance``
+    0: unchanged; empty slots, -1, stay -1)."""
+    floor = max_position - max_distance
+    if not max_distance or floor <= 0:
+        return positions
+    return torch.where(positions >= 0, positions.clamp(min=floor), positions)
+
+
 def _attend_memories(q, q_rot, keys, values, positions, indices, *, memory_dtype, scale, position, rope,
-                          fixed_distance, backend, max_position):
+                          fixed_distance, backend, max_position, max_distance):
     """Attention of ``q [B, Hq, T, D]`` over the memories ``indices`` names in ``keys/values [B, Hkv, M, D]``
     (absolute ``positions [B, M]``), under the position policy (``read_memory``'s arguments)."""
     if torch.is_grad_enabled() and (q.requires_grad or q_rot.requires_grad):
@@ -114,7 +128,8 @@ def _attend_memories(q, q_rot, keys, values, positions, indices, *, memory_dtype
     else:  # rotate
         cos, sin = rope.get(max_position, q.device)
         q_mem = q_rot
-        kwargs = dict(mem_positions=positions, rotary_cos=cos, rotary_sin=sin)
+        kwargs = dict(mem_positions=clamped_positions(positions, max_position, max_distance), rotary_cos=cos,
+                      rotary_sin=sin)
     # The indices come from a search of these same buffers (or are -1): no per-call range check, which
     # would read the device on every decode step.
     return memory_attention(q_mem.to(memory_dtype), keys, values, indices, scale=scale, backend=backend,
@@ -143,5 +158,5 @@ def combine_memory(
     return torch.where(torch.isfinite(lse_mem)[..., None], mixed, out_local.float())
 
 
-__all__ = ["read_memory", "combine_memory", "COMBINES", "POSITIONS", "DEFAULT_TOP_K", "DEFAULT_CAPACITY",
+__all__ = ["read_memory", "combine_memory", "clamped_positions", "COMBINES", "POSITIONS", "DEFAULT_TOP_K", "DEFAULT_CAPACITY",
            "DEFAULT_FIXED_DISTANCE"]
