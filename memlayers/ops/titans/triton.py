@@ -1,7 +1,9 @@
 """Titans memory on Triton: host functions -> autograd.Function -> public function.
 
 Kernels live in ``triton_linear.py`` (memory matrix per head) and ``triton_mlp.py`` (residual MLP
-``x + silu(x W1) W2`` per head); the gate and bias helpers they share in ``triton_common.py``.
+``x + silu(x W1) W2`` per head); the gate kernels that run before them (the chunks' gate
+quantities) and after their backward (the gates' gradients) in ``triton_gates.py``; the helpers
+they share in ``triton_common.py``.
 Imported lazily by ``memlayers.ops.titans`` (triton reads TRITON_INTERPRET at decoration time).
 
 Fit: the linear memory runs a grid of (batch * head, value blocks), each program holding a
@@ -13,6 +15,8 @@ up to 256 and MLP hidden sizes up to 4x that (compiled and measured by tests/ops
 Memory use: the forward keeps the memory state every ``R = ceil(sqrt(#chunks))`` chunks, and the
 backward one segment of ``R`` states at a time per (batch, head), so per-chunk copies of the
 weights are never held for the whole sequence (O(sqrt(T / chunk)) states instead of O(T / chunk)).
+The gate quantities take ``T * (C + 5)`` fp32 per (batch, head), for the forward and again for the
+backward (recomputed there rather than kept), and the backward's gradients of them as much again.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import BIAS_IDS
+from .triton_gates import titans_gates_bwd_kernel, titans_gates_fwd_kernel
 from .triton_linear import titans_linear_bwd_kernel, titans_linear_fwd_kernel
 from .triton_mlp import titans_mlp_bwd_kernel, titans_mlp_fwd_kernel
 
@@ -58,8 +63,10 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 def value_block(bk: int, bv: int) -> int:
     """Value columns per program of the linear memory: the ``[BK, BV]`` fp32 blocks of ``W``, ``S``
-    and their gradients stay in registers, and every dot operand fits in shared memory."""
-    return min(bv, 64 if bk <= 64 else 32 if bk <= 128 else 16)
+    and their gradients stay in registers, and every dot operand fits in shared memory. Past head
+    dim 64, 16 columns: at head dim 128 the forward with 32 spilled (sm_90, Triton 3.9: 255
+    registers, 44 bytes; with 16: 198 registers, none)."""
+    return min(bv, 64 if bk <= 64 else 16)
 
 
 def hidden_block(bd: int, bhid: int) -> int:
@@ -67,9 +74,11 @@ def hidden_block(bd: int, bhid: int) -> int:
     return min(bhid, 64 if bd <= 64 else 32 if bd <= 128 else 16)
 
 
-# Eight warps at every size: the [C, C] gate matrices alone (C = 64, fp32) take ~240 registers
-# per thread with four (measured, sm_90).
+# Memory kernels: eight warps at every size.
 NUM_WARPS = 8
+# Gate kernels: eight warps spread their fp32 [C, C] accumulators thinly enough (C = 64: 216
+# registers per thread in the backward, no spills; sm_90, measured).
+GATE_NUM_WARPS = 8
 # No software pipelining: the loops are sequential recurrences, and pipelining their loads would
 # keep num_stages copies of every tile loaded in a loop (the streamed MLP state blocks, the chunk's
 # rows) in shared memory: 160 KB at head dim 64 for the MLP forward with Triton's default of 3.
@@ -111,22 +120,41 @@ def _state_buffers(lead, shapes, has_momentum, dev):
     return ws, ([torch.empty_like(w) for w in ws] if has_momentum else ws)
 
 
-def _launch_args(g: _Geometry, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, mm_dtype, prec):
-    """What the forward and the backward launches share: ``(gate tensors, scalars, constexpr keywords)``.
+def _gate_inputs(theta, alpha, eta):
+    """``(theta, alpha, eta)`` for the gate kernels: ``theta`` stands in for an absent ``alpha`` or
+    ``eta`` (the kernels never read it then)."""
+    return (theta.contiguous(), (alpha if alpha is not None else theta).contiguous(),
+            (eta if eta is not None else theta).contiguous())
 
-    ``theta`` stands in for an absent ``alpha`` or ``eta`` (the kernels never read it then).
-    """
-    gates = (theta.contiguous(), (alpha if alpha is not None else theta).contiguous(),
-             (eta if eta is not None else theta).contiguous())
+
+# Per-token gate quantities, one row each of a [5, B * H * T] buffer: A, d, w_end, s_end, B (see
+# triton_gates.py); and the same rows for their gradients.
+GATE_VECTORS = 5
+
+
+def chunk_gate_quantities(g: _Geometry, gate_inputs, has_momentum: bool, forget: bool):
+    """Launch the gate kernel: ``(c * theta [B*H*NC, C, C], vectors [5, B*H*T])``, fp32."""
+    dev = gate_inputs[0].device
+    ct = torch.empty(g.BH * g.NC, g.C, g.C, dtype=torch.float32, device=dev)
+    vec = torch.empty(GATE_VECTORS, g.BH * g.T, dtype=torch.float32, device=dev)
+    titans_gates_fwd_kernel[(g.BH, g.NC)](
+        *gate_inputs, ct, *vec, g.T, g.NC, BC=g.C, MOMENTUM=has_momentum, FORGET=forget,
+        num_warps=GATE_NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return ct, vec
+
+
+def _launch_args(g: _Geometry, depth, has_momentum, bias, p, delta, eps, mm_dtype, prec):
+    """What the forward and the backward memory launches share: ``(scalars, constexpr keywords)``."""
     if depth == 1:
         sizes = dict(DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV)
     else:
         sizes = dict(D=g.DK, DH=g.DH, BD=g.BK, BHB=g.BHB)
     flags = dict(
-        sizes, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None, BIAS=BIAS_IDS[bias], MM=mm_dtype, PREC=prec,
+        sizes, BC=g.C, MOMENTUM=has_momentum, BIAS=BIAS_IDS[bias], MM=mm_dtype, PREC=prec,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
-    return gates, (g.T, g.NC, g.R, p, delta, eps), flags
+    return (g.T, g.NC, g.R, p, delta, eps), flags
 
 
 def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size, bias, p, delta, eps, prec):
@@ -140,8 +168,10 @@ def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size,
     s0 = [_f32(s) for s in momentum] if momentum is not None else w0
     wt, st = _state_buffers((g.B, g.H), shapes, momentum is not None, dev)
     ckw, cks = _state_buffers((g.BH * g.NSEG,), shapes, momentum is not None, dev)
-    gates, scalars, flags = _launch_args(
-        g, depth, theta, alpha, eta, momentum is not None, bias, p, delta, eps, _matmul_dtype(q.dtype), prec
+    ct, vec = chunk_gate_quantities(g, _gate_inputs(theta, alpha, eta), momentum is not None, alpha is not None)
+    gates = (ct, *vec)
+    scalars, flags = _launch_args(
+        g, depth, momentum is not None, bias, p, delta, eps, _matmul_dtype(q.dtype), prec
     )
     qkv = (q.contiguous(), k.contiguous(), v.contiguous())
     if depth == 1:
@@ -166,28 +196,33 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     ckw, cks = ckpt
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # Kernels index rows contiguously: gradients must not inherit a transposed layout from q, k, v.
-    # dq, dk sum over the linear memory's value blocks (fp32 atomics); gate gradients are written
-    # per value block and summed here.
+    # dq, dk and the gate quantities' gradients sum over the linear memory's value blocks (fp32
+    # atomics into zeroed buffers).
     nv = g.NV if depth == 1 else 1
-    dqp, dkp = (torch.empty(t.shape, dtype=t.dtype, device=dev) if nv == 1
-                else torch.zeros(t.shape, dtype=torch.float32, device=dev) for t in (q, k))
+    split = nv > 1
+    dqp, dkp = (torch.zeros(t.shape, dtype=torch.float32, device=dev) if split
+                else torch.empty(t.shape, dtype=t.dtype, device=dev) for t in (q, k))
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-    dth = torch.empty(nv, g.B, g.H, g.T, dtype=torch.float32, device=dev)
+    new = torch.zeros if split else torch.empty
+    dct = new(g.BH * g.NC, g.C, g.C, dtype=torch.float32, device=dev)
+    dvec = new(GATE_VECTORS, g.BH * g.T, dtype=torch.float32, device=dev)
+    dth = torch.empty(g.B, g.H, g.T, dtype=torch.float32, device=dev)
     dal = torch.empty_like(dth) if alpha is not None else dth
     det = torch.empty_like(dth) if has_momentum else dth
     dw0, ds0 = _state_buffers((g.B, g.H), shapes, has_momentum, dev)
     # Scratch for one segment's recomputed chunk-start states, per program.
     tiles = [(g.BK, g.BV)] if depth == 1 else shapes
     scw, scs = _state_buffers((g.BH * nv * g.R,), tiles, has_momentum, dev)
-    gates, scalars, flags = _launch_args(
-        g, depth, theta, alpha, eta, has_momentum, bias, p, delta, eps, _matmul_dtype(q.dtype), prec
-    )
+    gate_inputs = _gate_inputs(theta, alpha, eta)
+    ct, vec = chunk_gate_quantities(g, gate_inputs, has_momentum, alpha is not None)
+    gates = (ct, *vec)
+    scalars, flags = _launch_args(g, depth, has_momentum, bias, p, delta, eps, _matmul_dtype(q.dtype), prec)
     qkv = (q, k, v)
-    grads = (dqp, dkp, dv, dth, dal, det)
+    grads = (dqp, dkp, dv, dct, *dvec)
     if depth == 1:
         titans_linear_bwd_kernel[(g.BH, g.NV)](
             *qkv, *gates, ckw[0], cks[0], scw[0], scs[0], dy.contiguous(), dwt[0], dst[0],
-            *grads, dw0[0], ds0[0], *scalars, **flags,
+            *grads, dw0[0], ds0[0], *scalars, SPLIT=split, **flags,
         )
     else:
         # The MLP kernel turns the end state's gradients into the start state's, in place.
@@ -196,8 +231,11 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
         titans_mlp_bwd_kernel[(g.BH,)](
             *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dw0, *ds0, *grads, *scalars, **flags,
         )
+    titans_gates_bwd_kernel[(g.BH, g.NC)](
+        *gate_inputs, dct, *dvec, dth, dal, det, g.T, g.NC, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None,
+        num_warps=GATE_NUM_WARPS, num_stages=NUM_STAGES,
+    )
     dq, dk = dqp.to(q.dtype), dkp.to(k.dtype)
-    dth, dal, det = (t[0] if nv == 1 else t.sum(0) for t in (dth, dal, det))
     return (dq, dk, dv, dth, dal if alpha is not None else None, det if has_momentum else None,
             tuple(dw0), tuple(ds0) if has_momentum else None)
 

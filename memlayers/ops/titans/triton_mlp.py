@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    _load_mat, _load_rows, _load_rows_raw, _load_state, _store_rows, _store_state, bias_grad, bias_hess, chunk_gates,
-    gates_bwd, mm, pick, pick_row,
+    _is_last, _load_cc, _load_last, _load_mat, _load_rows, _load_rows_raw, _load_state, _load_vec, _store_cc,
+    _store_rows, _store_state, _store_vec, bias_grad, bias_hess, mm,
 )
 
 
@@ -71,14 +71,13 @@ def _copy_states(SW1, SW2, SS1, SS2, sidx, DW1, DW2, DS1, DS2, didx, MOMENTUM: t
 
 @triton.jit
 def _mlp_chunk_fwd(
-    Q, K, V, TH, AL, ET, Y, SW1, SW2, SS1, SS2, sidx, DW1, DW2, DS1, DS2, didx, tbase, t0, T, p, delta, eps,
+    Q, K, V, CT, GA, GD, GW, GS, GB, Y, SW1, SW2, SS1, SS2, sidx, DW1, DW2, DS1, DS2, didx, tbase, cidx, t0, T,
+    p, delta, eps,
     D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
-    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
-    WRITE_Y: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, WRITE_Y: tl.constexpr,
 ):
-    """One chunk from state ``sidx`` to state ``didx`` (may be the same: each block is read before it
-    is written); stores the retrieval with ``WRITE_Y``."""
-    th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
+    """Chunk ``cidx`` (tokens from ``t0``) from state ``sidx`` to state ``didx`` (may be the same:
+    each block is read before it is written); stores the retrieval with ``WRITE_Y``."""
     k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
     r = k.to(tl.float32) - _load_rows(V, tbase, t0, T, 0, D, BD, BC)
     for h0 in range(0, DH, BHB):
@@ -87,15 +86,18 @@ def _mlp_chunk_fwd(
         z = mm(k, W1, MM, PREC)
         r += mm(z * tl.sigmoid(z), W2, MM, PREC)
     e = bias_grad(r, BIAS, p, delta, eps)
-    w_end = pick_row(c, is_last) * th
-    a_last = pick(A, is_last)
-    d_last = pick(d, is_last)
-    lb_last = pick(lb, is_last)
-    s_end = tl.exp(lb_last - lb) * th
-    b_last = tl.exp(lb_last)
+    w_end = _load_vec(GW, tbase, t0, T, BC)
+    a_last = _load_last(GA, tbase, t0, T, BC)
+    if MOMENTUM:
+        d_last = _load_last(GD, tbase, t0, T, BC)
+        s_end = _load_vec(GS, tbase, t0, T, BC)
+        b_last = _load_last(GB, tbase, t0, T, BC)
     if WRITE_Y:
         q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
-        ct = c * th[None, :]
+        ct = _load_cc(CT, cidx, BC)
+        A = _load_vec(GA, tbase, t0, T, BC)
+        if MOMENTUM:
+            d = _load_vec(GD, tbase, t0, T, BC)
         qk = mm(q, tl.trans(k), MM, PREC)
         y = q.to(tl.float32)
         hh = tl.zeros([BC, BC], dtype=tl.float32)
@@ -130,10 +132,10 @@ def _mlp_chunk_fwd(
 
 @triton.jit
 def titans_mlp_fwd_kernel(
-    Q, K, V, TH, AL, ET, W1T, W2T, S1T, S2T, Y, CKW1, CKW2, CKS1, CKS2,
+    Q, K, V, CT, GA, GD, GW, GS, GB, W1T, W2T, S1T, S2T, Y, CKW1, CKW2, CKS1, CKS2,
     T, NC, R, p, delta, eps,
     D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
-    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
 ):
     """``W1T, W2T, S1T, S2T`` hold the initial state (the host copies it there) and are updated in
     place, chunk by chunk, into the final state."""
@@ -144,8 +146,8 @@ def titans_mlp_fwd_kernel(
             _copy_states(W1T, W2T, S1T, S2T, bh, CKW1, CKW2, CKS1, CKS2, bh * nseg + ci // R, MOMENTUM, D, DH, BD, BHB)
             tl.debug_barrier()
         _mlp_chunk_fwd(
-            Q, K, V, TH, AL, ET, Y, W1T, W2T, S1T, S2T, bh, W1T, W2T, S1T, S2T, bh, bh * T, ci * BC, T, p, delta, eps,
-            D, DH, BD, BHB, BC, MOMENTUM, FORGET, BIAS, MM, PREC, True,
+            Q, K, V, CT, GA, GD, GW, GS, GB, Y, W1T, W2T, S1T, S2T, bh, W1T, W2T, S1T, S2T, bh, bh * T, bh * NC + ci,
+            ci * BC, T, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC, True,
         )
 
 
@@ -185,25 +187,30 @@ def _mlp_block_terms(
 
 @triton.jit
 def _mlp_chunk_bwd(
-    Q, K, V, TH, AL, ET, DY, DQ, DK_, DV_, DTH, DAL, DET,
-    SW1, SW2, SS1, SS2, sidx, GW1, GW2, GS1, GS2, gidx, tbase, t0, T, p, delta, eps,
+    Q, K, V, CT, GA, GD, GW, GS, GB, DY, DQ, DK_, DV_, DCT, DGA, DGD, DGW, DGS, DGB,
+    SW1, SW2, SS1, SS2, sidx, GW1, GW2, GS1, GS2, gidx, tbase, cidx, t0, T, p, delta, eps,
     D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
-    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Gradients of one chunk from its start state ``sidx`` and its end state's gradients ``gidx``,
-    which are overwritten, block by block, with the start state's gradients. Stores dq, dk, dv and
-    the gate gradients of the chunk."""
-    th, la, lb, LA, LB, c, d, A, Bv, is_last = chunk_gates(TH, AL, ET, tbase, t0, T, BC, MOMENTUM, FORGET)
+    """Gradients of chunk ``cidx`` (tokens from ``t0``) from its start state ``sidx`` and its end
+    state's gradients ``gidx``, which are overwritten, block by block, with the start state's
+    gradients. Stores dq, dk, dv and the gradients of the chunk's gate quantities."""
     q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
     k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
     dy = _load_rows(DY, tbase, t0, T, 0, D, BD, BC)
-    ct = c * th[None, :]
-    w_end = pick_row(c, is_last) * th
-    a_last = pick(A, is_last)
-    d_last = pick(d, is_last)
-    lb_last = pick(lb, is_last)
-    s_end = tl.exp(lb_last - lb) * th
-    b_last = tl.exp(lb_last)
+    ct = _load_cc(CT, cidx, BC)
+    A = _load_vec(GA, tbase, t0, T, BC)
+    w_end = _load_vec(GW, tbase, t0, T, BC)
+    a_last = _load_last(GA, tbase, t0, T, BC)
+    is_last = _is_last(t0, T, BC)
+    if MOMENTUM:
+        d = _load_vec(GD, tbase, t0, T, BC)
+        d_last = _load_last(GD, tbase, t0, T, BC)
+        s_end = _load_vec(GS, tbase, t0, T, BC)
+        b_last = _load_last(GB, tbase, t0, T, BC)
+    else:
+        d = tl.zeros([BC], dtype=tl.float32)
+        s_end = tl.zeros([BC], dtype=tl.float32)
     # Pass A: residuals r = K + Hk W2 - V.
     r = k.to(tl.float32) - _load_rows(V, tbase, t0, T, 0, D, BD, BC)
     for h0 in range(0, DH, BHB):
@@ -257,12 +264,13 @@ def _mlp_chunk_bwd(
     dk += dr
     _store_rows(DQ, dq, tbase, t0, T, 0, D, BD, BC)
     _store_rows(DV_, -dr, tbase, t0, T, 0, D, BD, BC)
-    dA += tl.where(is_last, dA_last, 0.0)
-    dd += tl.where(is_last, dd_last, 0.0)
-    gates_bwd(
-        dct, dw_end, ds_end, dA, dd, db_end, th, la, lb, LA, LB, c, Bv, is_last,
-        AL, ET, DTH, DAL, DET, tbase, tbase, t0, T, BC, MOMENTUM, FORGET,
-    )
+    _store_cc(DCT, dct, cidx, BC, False)
+    _store_vec(DGA, dA + tl.where(is_last, dA_last, 0.0), tbase, t0, T, BC, False)
+    _store_vec(DGW, dw_end, tbase, t0, T, BC, False)
+    if MOMENTUM:
+        _store_vec(DGD, dd + tl.where(is_last, dd_last, 0.0), tbase, t0, T, BC, False)
+        _store_vec(DGS, ds_end, tbase, t0, T, BC, False)
+        _store_vec(DGB, tl.where(is_last, db_end, 0.0), tbase, t0, T, BC, False)
     tl.debug_barrier()
     # Pass C: each block's state gradients (in place) and its share of dk.
     for h0 in range(0, DH, BHB):
@@ -293,11 +301,11 @@ def _mlp_chunk_bwd(
 
 @triton.jit
 def titans_mlp_bwd_kernel(
-    Q, K, V, TH, AL, ET, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, DY, GW1, GW2, GS1, GS2,
-    DQ, DK_, DV_, DTH, DAL, DET,
+    Q, K, V, CT, GA, GD, GW, GS, GB, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, DY, GW1, GW2, GS1, GS2,
+    DQ, DK_, DV_, DCT, DGA, DGD, DGW, DGS, DGB,
     T, NC, R, p, delta, eps,
     D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
-    MOMENTUM: tl.constexpr, FORGET: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
 ):
     """``GW1, GW2, GS1, GS2`` hold the final state's gradients (the host copies them there) and are
     updated in place, chunk by chunk from the last, into the initial state's gradients."""
@@ -310,15 +318,17 @@ def titans_mlp_bwd_kernel(
         _copy_states(CKW1, CKW2, CKS1, CKS2, bh * nseg + seg, SCW1, SCW2, SCS1, SCS2, bh * R, MOMENTUM, D, DH, BD, BHB)
         tl.debug_barrier()
         for r in range(0, n_in - 1):
+            ci = seg * R + r
             _mlp_chunk_fwd(
-                Q, K, V, TH, AL, ET, Q, SCW1, SCW2, SCS1, SCS2, bh * R + r, SCW1, SCW2, SCS1, SCS2, bh * R + r + 1,
-                bh * T, (seg * R + r) * BC, T, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, FORGET, BIAS, MM, PREC,
-                False,
+                Q, K, V, CT, GA, GD, GW, GS, GB, Q, SCW1, SCW2, SCS1, SCS2, bh * R + r, SCW1, SCW2, SCS1, SCS2,
+                bh * R + r + 1, bh * T, bh * NC + ci, ci * BC, T, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS,
+                MM, PREC, False,
             )
         for rr in range(0, n_in):
             r = n_in - 1 - rr
+            ci = seg * R + r
             _mlp_chunk_bwd(
-                Q, K, V, TH, AL, ET, DY, DQ, DK_, DV_, DTH, DAL, DET,
-                SCW1, SCW2, SCS1, SCS2, bh * R + r, GW1, GW2, GS1, GS2, bh, bh * T, (seg * R + r) * BC, T,
-                p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, FORGET, BIAS, MM, PREC,
+                Q, K, V, CT, GA, GD, GW, GS, GB, DY, DQ, DK_, DV_, DCT, DGA, DGD, DGW, DGS, DGB,
+                SCW1, SCW2, SCS1, SCS2, bh * R + r, GW1, GW2, GS1, GS2, bh, bh * T, bh * NC + ci, ci * BC, T,
+                p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC,
             )
