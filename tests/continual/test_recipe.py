@@ -48,6 +48,14 @@ def test_recipe_runs_every_method_and_unlearns_exactly(tmp_path):
     assert "| sparse_memory |" in (tmp_path / "tiny.md").read_text()
     assert [len(r["history"]) for r in result["runs"].values()] == [2] * 4
     assert len(result["sweep"]["lora"]) == 2
+    assert "Learning-rate sweep" in (tmp_path / "tiny.md").read_text()
+    # Retention went through the probe's parametric mode: one record per (batch injected, facts batch).
+    from memlayers.probes import load_records
+
+    for name, run_ in result["runs"].items():
+        records = load_records(tmp_path / "tiny_retention" / name)
+        got = {(r["after_batch"], r["facts_batch"]): r["score"] for r in records}
+        assert got == {(b, j): h["heldout_acc"][j] for b, h in enumerate(run_["history"]) for j in range(b + 1)}
     u = result["runs"]["sparse_memory"]["unlearning"]
     assert u["slots_reset"] > 0 and u["everything_else_bit_identical"] is True
     # Every method leaves the model as it found it.
