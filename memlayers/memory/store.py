@@ -10,7 +10,9 @@ Layout (the gpt-fast KV-cache shape: registered buffers, explicit setup):
 
 A host-side int, ``filled`` (the largest count over rows, kept by add/reset/load without reading the
 device), bounds the slots that can be valid: the exact search scans slots 0..filled-1 only, so its cost
-follows what is stored, not the capacity.
+follows what is stored, not the capacity. While every row holds ``filled`` entries (always with one row;
+with several until a partial reset or a load of unequal rows; a host-side flag), the search masks no
+slot of that prefix.
 
 Every public method checks all of its arguments before it touches any buffer (the data checks of
 ``add`` unless ``validate=False``), so a failed call leaves the memory exactly as it was.
@@ -192,6 +194,7 @@ class KNNMemory(nn.Module, MemoryModule):
         self.register_buffer("next_position", torch.zeros(B, device=device, dtype=torch.long))
         self._index = index_set
         self._filled = 0
+        self._rows_equal = True  # every row holds `_filled` entries: no slot of the prefix is masked
 
     # A lock cannot be copied or pickled: a copy of the memory gets a lock of its own.
     def __getstate__(self):
@@ -373,9 +376,18 @@ class KNNMemory(nn.Module, MemoryModule):
         self.write_ptr[mask] = 0
         self.next_position[mask] = 0
         # One device read per partial reset (not per search): the rows left decide the filled prefix.
-        self._filled = 0 if rows is None else int(self.count.max())
+        if rows is None:
+            self._filled, self._rows_equal = 0, True
+        else:
+            self._track_counts()
         if self._index is not None:
             self._index.reset_rows(mask.nonzero().flatten().tolist())
+
+    def _track_counts(self) -> None:
+        """``filled`` and whether every row holds that many, from ``count`` (one device read: after a
+        partial reset or a load, never per search)."""
+        lo, hi = torch.stack(torch.aminmax(self.count)).tolist()
+        self._filled, self._rows_equal = hi, lo == hi
 
     def reset_memory(self, rows=None) -> None:
         """The memory-state protocol's name for ``reset``."""
@@ -419,7 +431,8 @@ class KNNMemory(nn.Module, MemoryModule):
             scores = torch.full((B, Hq, T, k), float("-inf"), device=self.device)
             indices = torch.full((B, Hq, T, k), -1, dtype=torch.long, device=self.device)
         else:  # only slots 0..filled-1 can be valid: the cost follows what is stored, not the capacity
-            scores, indices = knn_search(queries, self.keys[:, :, : self._filled], k, valid_lengths=self.count,
+            lengths = None if self._rows_equal else self.count
+            scores, indices = knn_search(queries, self.keys[:, :, : self._filled], k, valid_lengths=lengths,
                                          metric=self.metric, backend=self.backend)
         mask = indices >= 0
         safe = indices.clamp_min(0)
@@ -507,7 +520,7 @@ class KNNMemory(nn.Module, MemoryModule):
         rest.update({prefix + name: t for name, t in state.items()})
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.keys = _key_layout(self.keys)  # load_state_dict(assign=True) takes the given tensor's strides
-        self._filled = int(self.count.max())
+        self._track_counts()
         if blobs and self._index is None and strict:
             unexpected_keys.extend(tag + k for k in blobs)
         if self._index is not None:

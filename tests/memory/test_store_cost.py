@@ -69,6 +69,36 @@ def test_filled_after_partial_reset_load_and_bind(stream):
     assert other.filled == 0
 
 
+def test_rows_of_equal_count_mask_no_slot(stream, monkeypatch):
+    """Rows that hold the same count search their prefix unmasked; once they differ (a partial reset,
+    a load of unequal rows) the short rows' slots past their count are masked again, and every search
+    equals a full scan."""
+    from memlayers.memory import store
+
+    lengths = []
+    real = store.knn_search
+
+    def spy(q, keys, k, valid_lengths=None, **kwargs):
+        lengths.append(valid_lengths)
+        return real(q, keys, k, valid_lengths=valid_lengths, **kwargs)
+
+    monkeypatch.setattr(store, "knn_search", spy)
+    mem = ml.KNNMemory(2, 2, 8, capacity=40, backend="torch")
+    q = torch.randn(2, 4, 3, 8)
+    stream(mem, steps=2, T=15)  # 30 tokens per row
+    assert torch.equal(mem.search(q, 6).indices, _full_scan(mem, q, 6)[1]) and lengths[-1] is None
+    mem.reset([0])
+    stream(mem, steps=1, T=4)  # rows hold 4 and 34: row 0's slots 4..33 are zeros, never matches
+    assert torch.equal(mem.search(q, 6).indices, _full_scan(mem, q, 6)[1]) and lengths[-1] is not None
+    other = ml.KNNMemory(2, 2, 8, capacity=40, backend="torch")
+    other.load_state_dict(mem.state_dict())
+    assert torch.equal(other.search(q, 6).indices, _full_scan(mem, q, 6)[1]) and lengths[-1] is not None
+    stream(other, steps=2, T=20)  # both rows wrap to the full capacity: equal again after the next reset
+    other.reset([0, 1])
+    stream(other, steps=1, T=5)
+    assert torch.equal(other.search(q, 6).indices, _full_scan(other, q, 6)[1]) and lengths[-1] is None
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_decode_step_reads_nothing_back(stream, host_reads, backend):
     mem = ml.KNNMemory(2, 2, 16, capacity=64, backend=backend, validate=False)
