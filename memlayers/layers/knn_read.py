@@ -85,10 +85,13 @@ def read_memory(
             memory_dtype=memory.dtype, scale=scale, position=position, rope=rope, fixed_distance=fixed_distance,
             backend=backend, max_position=max_position, max_distance=max_distance)
         return out.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
-    return _attend_memories(q, q_rot, memory.keys, memory.values, memory.positions, indices,
-                                 memory_dtype=memory.dtype, scale=scale, position=position, rope=rope,
-                                 fixed_distance=fixed_distance, backend=backend, max_position=max_position,
-                                 max_distance=max_distance)
+    # Every slot id the search returns lies in the filled prefix: the op (and a snapshot for backward)
+    # sees those slots only, not the whole capacity.
+    filled = memory.filled
+    return _attend_memories(q, q_rot, memory.keys[:, :, :filled], memory.values[:, :, :filled],
+                            memory.positions[:, :filled], indices, memory_dtype=memory.dtype, scale=scale,
+                            position=position, rope=rope, fixed_distance=fixed_distance, backend=backend,
+                            max_position=max_position, max_distance=max_distance)
 
 
 def _per_query_memory(res, indices: torch.Tensor):
