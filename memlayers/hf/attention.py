@@ -108,8 +108,15 @@ def local_attention(
         scores = scores.masked_fill(~mask[..., -S:], float("-inf"))
     else:
         scores = scores + mask[..., -S:].float()
-    lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])
+    # Shifted by each row's maximum (a constant: no gradient, the softmax does not depend on it), then
+    # normalized after the product with v: three passes over the scores where logsumexp and a second
+    # exp took six.
+    m = scores.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    probs = torch.exp(scores - m)
+    total = probs.sum(dim=-1)
     out = torch.matmul(probs.view(B, Hkv, G * T, S), v.float()).view(B, Hq, T, v.shape[-1])
-    return out, torch.where(finite, lse, float("-inf"))
+    tiny = torch.finfo(torch.float32).tiny
+    out = out / total.clamp_min(tiny)[..., None]
+    lse = torch.where(total > 0, m.squeeze(-1) + torch.log(total.clamp_min(tiny)), float("-inf"))
+    return out, lse
