@@ -112,7 +112,8 @@ def knn_search_naive(
             top_s, top_i = _select_topk(s, kk)
             out_s.append(top_s)
             out_i.append(top_i)
-        scores, idx = torch.cat(out_s, dim=2), torch.cat(out_i, dim=2)
+        # One chunk (every decode step) needs no copy into a joined tensor.
+        scores, idx = (out_s[0], out_i[0]) if len(out_s) == 1 else (torch.cat(out_s, dim=2), torch.cat(out_i, dim=2))
     if kk < k:
         pad = k - kk
         scores = torch.cat([scores, scores.new_full((B, Hkv, rows, pad), float("-inf"))], dim=-1)
