@@ -35,7 +35,7 @@ def _launch(kind: str, direction: str, D: int, dtype: str, hidden: int, chunk: i
     import memlayers.ops.titans.triton as host
 
     captured = []
-    kernels = [host.titans_linear_fwd_kernel, host.titans_linear_bwd_kernel,
+    kernels = [host.titans_linear_fwd_kernel, host.titans_linear_bwd_recompute_kernel, host.titans_linear_bwd_kernel,
                host.titans_mlp_fwd_kernel, host.titans_mlp_bwd_kernel,
                host.titans_gates_fwd_kernel, host.titans_gates_bwd_kernel]
     saved = [k.__dict__.get("run") for k in kernels]

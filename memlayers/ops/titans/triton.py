@@ -15,6 +15,8 @@ up to 256 and MLP hidden sizes up to 4x that (compiled and measured by tests/ops
 Memory use: the forward keeps the memory state every ``R = ceil(sqrt(#chunks))`` chunks, and the
 backward one segment of ``R`` states at a time per (batch, head), so per-chunk copies of the
 weights are never held for the whole sequence (O(sqrt(T / chunk)) states instead of O(T / chunk)).
+The linear memory's backward takes two launches per segment (its recompute, then its chunks), so
+that neither kernel holds the other's registers: ``2 * ceil(#chunks / R)`` launches.
 The gate quantities take ``T * (C + 5)`` fp32 per (batch, head), for the forward and again for the
 backward (recomputed there rather than kept), and the backward's gradients of them as much again.
 """
@@ -30,7 +32,7 @@ import triton.language as tl
 
 from .triton_common import BIAS_IDS
 from .triton_gates import titans_gates_bwd_kernel, titans_gates_fwd_kernel
-from .triton_linear import titans_linear_bwd_kernel, titans_linear_fwd_kernel
+from .triton_linear import titans_linear_bwd_kernel, titans_linear_bwd_recompute_kernel, titans_linear_fwd_kernel
 from .triton_mlp import titans_mlp_bwd_kernel, titans_mlp_fwd_kernel
 
 
@@ -67,6 +69,13 @@ def value_block(bk: int, bv: int) -> int:
     dim 64, 16 columns: at head dim 128 the forward with 32 spilled (sm_90, Triton 3.9: 255
     registers, 44 bytes; with 16: 198 registers, none)."""
     return min(bv, 64 if bk <= 64 else 16)
+
+
+def key_block(bk: int) -> int:
+    """Key dimensions per block of the linear memory backward's stream over the keys: with 32, the
+    head-dim-128 backward compiles without spills for sm_90 (254 / 255 registers, Triton 3.9 / 3.6;
+    16 and 64 spilled 32-248 bytes on one of them, measured)."""
+    return min(bk, 32)
 
 
 def hidden_block(bd: int, bhid: int) -> int:
@@ -219,15 +228,20 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     scalars, flags = _launch_args(g, depth, has_momentum, bias, p, delta, eps, _matmul_dtype(q.dtype), prec)
     qkv = (q, k, v)
     grads = (dqp, dkp, dv, dct, *dvec)
+    # The kernels turn the end state's gradients into the start state's, in place.
+    for dst_, src in zip(dw0 + (ds0 if has_momentum else []), list(dwt) + (list(dst) if has_momentum else [])):
+        dst_.copy_(src)
     if depth == 1:
-        titans_linear_bwd_kernel[(g.BH, g.NV)](
-            *qkv, *gates, ckw[0], cks[0], scw[0], scs[0], dy.contiguous(), dwt[0], dst[0],
-            *grads, dw0[0], ds0[0], *scalars, SPLIT=split, **flags,
-        )
+        dy = dy.contiguous()
+        for seg in reversed(range(g.NSEG)):
+            titans_linear_bwd_recompute_kernel[(g.BH, g.NV)](
+                *qkv, *gates, ckw[0], cks[0], scw[0], scs[0], seg, *scalars, **flags,
+            )
+            titans_linear_bwd_kernel[(g.BH, g.NV)](
+                *qkv, *gates, scw[0], scs[0], dy, *grads, dw0[0], ds0[0], seg, *scalars,
+                BKB=key_block(g.BK), SPLIT=split, **flags,
+            )
     else:
-        # The MLP kernel turns the end state's gradients into the start state's, in place.
-        for dst_, src in zip(dw0 + (ds0 if has_momentum else []), list(dwt) + (list(dst) if has_momentum else [])):
-            dst_.copy_(src)
         titans_mlp_bwd_kernel[(g.BH,)](
             *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dw0, *ds0, *grads, *scalars, **flags,
         )
