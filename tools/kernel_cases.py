@@ -89,6 +89,7 @@ def gate_cases() -> List[Case]:
         _case("titans", "bwd", "bf16", 16, depth=2, hidden=4, chunk=16, bias="lp", forget=False),
         _case("titans", "fwd", "bf16", 128, depth=1, chunk=64, archs=(90,)),
         _case("titans", "bwd", "bf16", 128, depth=1, chunk=64, archs=(90,)),
+        _case("titans", "bwd", "bf16", 64, depth=1, chunk=64, archs=(90,)),  # value blocks of 64 columns
         _case("titans", "fwd", "bf16", 64, depth=2, hidden=4, chunk=64, archs=(90,)),
         _case("titans", "bwd", "bf16", 64, depth=2, hidden=4, chunk=64, archs=(90,)),
     ]
