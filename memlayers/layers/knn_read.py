@@ -15,7 +15,18 @@ Merges: ``"joint"``: one softmax over local and memory keys (log-sum-exp merge; 
 exact full-context attention when every memory is retrieved); ``"gate"``: two softmaxes mixed per
 query head by a learned ``sigmoid(gate)`` (Memorizing Transformers).
 
-Defaults (one set, used by both): ``top_k=32``; ``capacity=65536`` tokens per batch row (the memory
+Defaults (one set, used by both), with the HuggingFace attachment's ``layers=None`` (every layer),
+``position="rotate"`` and ``combine="joint"``, chosen by ``bench/sweep_knn_defaults.py`` on the
+embedded SmolLM2-135M (results: ``bench/results/knn-defaults.json``; passkey and RULER needle, 2K
+and 4K tokens, 512-token window, seeds other than the efficacy table's): every layer with top_k 16,
+32 or 64 recalled 4 of 4 prompts, while ``"fixed"`` and reading in layers 0-23 or 4-23 only
+recalled 3 of 4 (a 4K passkey missed), and ``"none"`` missed a 2K passkey in the scratch runs that
+preceded the sweep. ``top_k=32`` rather than 16: in a scratch run at 4K the needle's answer was less likely with 16
+(mean log-probability per answer token -0.42 against -0.33), and in another an 8K passkey (one
+prompt, before ``max_distance``) was recalled by layers 4-23 and missed with every layer reading: fewer layers (and a cheaper decode) may serve longer
+memories, which a larger sweep should settle. ``max_distance`` (HuggingFace configs: half the
+model's trained positions) keeps relative distances within what the model was trained on beyond it.
+``capacity=65536`` tokens per batch row (the memory
 is there for long documents, and eviction is silent, so the default should rarely evict: 65536 is
 Memorizing Transformers' largest memory); ``fixed_distance=1024`` (a memory just beyond a typical
 local window, as in InfLLM; distance 0 would make ``"fixed"`` the same as ``"none"``).
