@@ -38,7 +38,10 @@ def _assert_same_memories(a, b):
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
 def test_generate_writes_prompt_and_generated_tokens_like_memorize(family):
-    knn = mm.KNNMemoryConfig(top_k=8, backend="torch")
+    # Not the first layer: in a rotary model its stored keys depend on the token alone, so a repeated
+    # token stores equal keys, a top-k tie that decode's search and a chunk's search may break
+    # differently (both right), reading the tied slots at different distances.
+    knn = mm.KNNMemoryConfig(layers=[1], top_k=8, backend="torch")
     titans = mm.TitansMemoryConfig(layers=[1], chunk_size=4, backend="torch")
     a, b = _pair(family, knn, titans)
     ids = torch.randint(1, VOCAB, (2, 31))
