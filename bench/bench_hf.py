@@ -113,9 +113,10 @@ def table(quick: bool):
     prompt = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
 
     _plain_chunks(plain, ids[:, :CHUNK])  # warm
-    plain_s = _clock(lambda: _plain_chunks(plain, ids), device)
     rows: List[Dict[str, object]] = []
     for name, layers in layer_sets:
+        # The baseline right before each memorize: a shared machine's load drifts between layer sets.
+        plain_s = _clock(lambda: _plain_chunks(plain, ids), device)
         config = ml.KNNMemoryConfig(layers=layers)
         common = {"model": label, "device": device.type, "threads": torch.get_num_threads(), "chunk": CHUNK,
                   "top_k": config.top_k, "capacity": config.capacity, "position": config.position,
