@@ -153,6 +153,13 @@ def compile_one(src, options, target) -> dict:
     return row
 
 
+# The pending jobs of a parallel run, read by the forked workers by index. A job cannot travel to a
+# worker by pickle: its ASTSource holds the JITFunction, whose ``fn`` pickles by reference to a module
+# attribute that is the JITFunction itself, not the function (PicklingError). Forked workers inherit
+# this list, so only an index crosses the process boundary.
+_JOBS: list = []
+
+
 def _compile_job(job):
     key, src, options, target, path = job
     row = compile_one(src, options, target)
@@ -161,6 +168,10 @@ def _compile_job(job):
     tmp.write_text(json.dumps(row))
     tmp.replace(path)
     return key, row
+
+
+def _compile_job_at(i: int):
+    return _compile_job(_JOBS[i])
 
 
 def _jsonable(v):
@@ -199,9 +210,13 @@ def run_gate(case_list, archs, cache_dir: Path, jobs: int, log=print, cached_onl
     if pending:
         if jobs > 1:
             import multiprocessing
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-                for i, (key, row) in enumerate(pool.map(_compile_job, pending.values()), 1):
-                    log(f"  [{i}/{len(pending)}] {key[:12]} {row.get('compile_s')} s")
+            _JOBS[:] = pending.values()
+            try:
+                with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+                    for i, (key, row) in enumerate(pool.map(_compile_job_at, range(len(_JOBS))), 1):
+                        log(f"  [{i}/{len(pending)}] {key[:12]} {row.get('compile_s')} s")
+            finally:
+                _JOBS.clear()
         else:
             for i, job in enumerate(pending.values(), 1):
                 _, row = _compile_job(job)

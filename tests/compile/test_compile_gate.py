@@ -149,3 +149,25 @@ def test_gate_targets_both_architectures(gate_reports, tool):
     report = _report(gate_reports, tool)
     archs = {r["arch"] for r in report["rows"] if "shared" in r}
     assert archs == {90, 80}
+
+
+def test_parallel_compile_matches_cache(tmp_path):
+    """``--jobs 2`` (``make compile-gate``'s JOBS) compiles cold in worker processes and measures what the
+    serial gate measured: a kernel cannot be pickled to a worker, so a regression shows here."""
+    pytest.importorskip("triton")
+    case = "titans-fwd-bf16-d16-chunk=16-depth=1"  # the gate kernels and a memory kernel: 4 small compiles
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "compile_gate.py"), "--case", case, "--jobs", "2",
+           "--cache", str(tmp_path / "cache"), "--json", str(out), "--quiet"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["arch"] for r in rows} == {90, 80} and len({r["kernel"] for r in rows}) == 2
+    fields = ("shared", "regs", "stack", "spill_stores", "spill_loads")
+    for r in rows:
+        assert "error" not in r, r["error"]
+        committed = ROOT / "tests" / "compile" / "cache" / r["triton"] / f"sm{r['arch']}" / f"{r['key']}.json"
+        if committed.exists():
+            expected = json.loads(committed.read_text())
+            assert {f: r[f] for f in fields} == {f: expected[f] for f in fields}, r["kernel"]
