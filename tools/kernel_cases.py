@@ -57,9 +57,8 @@ def _case(op, pas, dtype, d, archs=(90, 80), **opts) -> Case:
 # budget: fp32 (ieee dots: the slow-to-compile, spilling path) and bf16 (tensor cores) for every kernel;
 # the head-dim branches where a host switches tiles or warps (<= 64, 128, 256); every constexpr feature
 # flag; the largest k. fp16 is the bf16 code with another operand type: it is in the sweep.
-# The Titans cases at real head dims are compiled for sm_90 only (the sweep compiles both): cold, their
-# memory kernels took 5-60 s each on the 2-core CI VM (the MLP backward at head dim 64 the most), and
-# sm_90's shared-memory limit is the one they approach.
+# The Titans cases at real head dims are compiled for sm_90 only (the sweep compiles both): sm_90's
+# shared-memory limit is the one they approach (cold compile times: docs/gpu.md).
 
 def gate_cases() -> List[Case]:
     return [
