@@ -1,5 +1,9 @@
 """``memlayers probe needle|passkey|retention|mqar``: the probe subcommand of the command line.
 
+``memlayers probe retention --inject FILE.py:FACTORY --batches N`` is the retention probe's
+parametric mode (facts written into the weights batch after batch, ``run_parametric_retention``);
+with ``--model`` it measures facts held in the context.
+
 ``memlayers/cli.py`` wires it in::
 
     from memlayers.probes.cli import add_probe_parser, run_probe
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -176,10 +181,23 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
     _add_length_depth_options(p, "passkey")
     _add_run_options(p)
 
-    p = sub.add_parser("retention", help="retention / forgetting curves: accuracy vs distance and vs load",
-                       description="Write a fact, then LOAD further facts spread through DISTANCE intervening tokens, "
-                                   "then ask for the first fact; curves of accuracy against distance and load.")
-    _add_model_options(p)
+    p = sub.add_parser("retention", help="retention / forgetting curves: accuracy vs distance and vs load, "
+                                         "or vs fact batches written into the weights (--inject)",
+                       description="In context (--model): write a fact, then LOAD further facts spread through "
+                                   "DISTANCE intervening tokens, then ask for the first fact; curves of accuracy "
+                                   "against distance and load. In the weights (--inject): fact batches written one "
+                                   "after another by an injection procedure; curves of each batch's score against "
+                                   "the batches written so far.")
+    _add_model_options(p, required=False)
+    p.add_argument("--inject", metavar="FILE.py:FACTORY|PKG.MOD:FACTORY", default=None,
+                   help="parametric mode, instead of --model: FACTORY(seed=SEED, **options) returns inject, where "
+                        "inject(b) writes fact batch b into the model and returns a scorer facts_batch -> score in "
+                        "[0, 1] (e.g. models/continual_injection/run.py:injector). Results go into "
+                        "DIR/parametric-retention")
+    p.add_argument("--inject-option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="keyword argument of the --inject FACTORY, e.g. method=lora; repeatable")
+    p.add_argument("--batches", type=_positive_int, default=None, metavar="N",
+                   help="with --inject: fact batches to write one after another (required there)")
     p.add_argument("--distances", type=_sizes_type(0), default=[0, 256, 1024], metavar="D1,D2,...",
                    help="tokens between the asked fact and the question (default 0,256,1k)")
     p.add_argument("--loads", type=_sizes_type(0), default=[0, 4, 16], metavar="M1,M2,...",
@@ -338,17 +356,74 @@ def _run_text(args) -> Path:
     return out
 
 
-def _load_factory(spec: str):
-    mod_name, _, attr = spec.partition(":")
+def _load_factory(spec: str, option: str = "--module"):
+    """``package.module:NAME`` or ``path/to/file.py:NAME`` -> the callable NAME."""
+    mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
-        raise _UsageError(f"--module must look like package.module:Factory, got {spec!r}")
+        raise _UsageError(f"{option} must look like package.module:Factory or file.py:Factory, got {spec!r}")
     try:
-        factory = getattr(importlib.import_module(mod_name), attr)
+        if mod_name.endswith(".py"):
+            path = Path(mod_name).expanduser()
+            if not path.is_file():
+                raise _UsageError(f"{option}: no such file: {mod_name!r}")
+            module_spec = importlib.util.spec_from_file_location(f"memlayers_probe_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+        factory = getattr(module, attr)
     except (ImportError, AttributeError) as e:
-        raise _UsageError(f"--module: cannot import {spec!r}: {e}") from None
+        raise _UsageError(f"{option}: cannot import {spec!r}: {e}") from None
     if not callable(factory):
-        raise _UsageError(f"--module: {spec!r} is not callable")
+        raise _UsageError(f"{option}: {spec!r} is not callable")
     return factory
+
+
+# The in-context retention options, with their defaults: with --inject none of them applies.
+_CONTEXT_ONLY = {"--distances": ("distances", [0, 256, 1024]), "--loads": ("loads", [0, 4, 16]),
+                 "--haystack": ("haystack", None), "--samples": ("samples", 1),
+                 "--max-new-tokens": ("max_new_tokens", None), "--save-prompts": ("save_prompts", False),
+                 "--memory": ("memory", "none"), "--memory-option": ("memory_option", []),
+                 "--chunk-size": ("chunk_size", 512), "--window": ("window", None), "--dtype": ("dtype", "auto"),
+                 "--device": ("device", None)}
+
+
+def _check_retention_mode(args) -> None:
+    """Exactly one of ``--model`` / ``--inject``; the other mode's options refused by name."""
+    if args.inject is None:
+        if args.model is None:
+            raise _UsageError("give --model (facts in the context) or --inject (facts written into the weights)")
+        for option in ("--inject-option", "--batches"):
+            if getattr(args, option[2:].replace("-", "_")) not in (None, []):
+                raise _UsageError(f"{option} applies to --inject, not to --model")
+        return
+    if args.model is not None:
+        raise _UsageError("--model and --inject exclude each other: --inject's factory builds its own model "
+                          "(give it one with --inject-option model=...)")
+    if args.batches is None:
+        raise _UsageError("--inject needs --batches N (the fact batches to write one after another)")
+    for option, (attr, default) in _CONTEXT_ONLY.items():
+        if getattr(args, attr) != default:
+            raise _UsageError(f"{option} applies to --model (facts in the context), not to --inject")
+
+
+def _run_parametric(args) -> Path:
+    """``--inject``: the factory's injections through ``run_parametric_retention``, resumable."""
+    from .runs import run_parametric_retention
+
+    factory = _load_factory(args.inject, "--inject")
+    options = dict(args.inject_option)
+    if "seed" in options:
+        raise _UsageError("--inject-option seed=...: give --seed instead")
+    out = args.out / "parametric-retention"
+    inject = factory(seed=args.seed, **options)
+    if not callable(inject):
+        raise _UsageError(f"--inject: {args.inject}(...) returned {type(inject).__name__}, not a callable "
+                          "batch -> scorer")
+    run_parametric_retention(inject, out, batches=args.batches, name=args.inject,
+                             config={"inject_options": options, "seed": args.seed},
+                             overwrite=args.overwrite, progress=not args.no_progress)
+    return out
 
 
 def _run_mqar(args) -> Path:
@@ -424,12 +499,18 @@ def run_probe(args: argparse.Namespace) -> int:
         return 2
     try:
         _check_out(args.out)
+        if args.probe == "retention":
+            _check_retention_mode(args)
+        parametric = args.probe == "retention" and args.inject is not None
         if args.memory == "none" and args.memory_option:
             raise _UsageError("--memory-option needs --memory knn or titans")
         if not plots_available():
             print(f"{prog}: note: matplotlib is not installed, so the run writes its records and summary.md "
                   f"but no plots ({PLOTS_INSTALL})", file=sys.stderr)
-        out = _run_mqar(args) if args.probe == "mqar" else _run_text(args)
+        if parametric:
+            out = _run_parametric(args)
+        else:
+            out = _run_mqar(args) if args.probe == "mqar" else _run_text(args)
     except (_UsageError, ModelLoadError, MemoryUnavailableError, ValueError, TypeError, OSError) as e:
         # bad input or an unwritable file, reported in one line; MEMLAYERS_DEBUG=1 shows the traceback
         if os.environ.get("MEMLAYERS_DEBUG"):

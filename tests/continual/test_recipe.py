@@ -61,3 +61,26 @@ def test_recipe_runs_every_method_and_unlearns_exactly(tmp_path):
     # Every method leaves the model as it found it.
     assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items())
     assert not hasattr(model, "peft_config") or not model.peft_config
+
+
+def test_recipe_injector_feeds_the_retention_probe(tmp_path):
+    """``Experiment.injector`` (what ``memlayers probe retention --inject ...run.py:injector`` runs):
+    one call per batch, each returning the held-out accuracy of every batch so far."""
+    import pytest
+
+    from memlayers.probes import run_parametric_retention
+
+    run = load_recipe()
+    torch.manual_seed(0)
+    cfg = dict(facts=4, batches=2, train_questions=1, heldout_questions=1, steps=2, batch_size=4, pkm_layers=[1],
+               num_keys=8, top_k=4, heads=2, slots_per_fact=6, lora_rank=2, backend="torch")
+    exp = run.Experiment(tiny_llama(layers=2, hidden=32), CharTokenizer(), cfg, "cpu")
+    _, inject, history, _ = exp.injector("sparse_memory", 0.1)
+    records = run_parametric_retention(inject, tmp_path, batches=2, progress=False, plots=False)
+    assert {(r["after_batch"], r["facts_batch"]): r["score"] for r in records} == {
+        (b, j): h["heldout_acc"][j] for b, h in enumerate(history) for j in range(b + 1)}
+    assert all(r["old_acc"] == history[r["after_batch"]]["old_acc"] for r in records)
+    with pytest.raises(ValueError, match="batch 2 does not exist"):
+        inject(2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        run.injector("adapter")

@@ -67,3 +67,82 @@ def test_plain_float_scores(tmp_path):
 def test_bad_input_is_named(tmp_path, inject, batches, match):
     with pytest.raises((TypeError, ValueError), match=match):
         run_parametric_retention(inject, tmp_path / "out", batches=batches, progress=False, plots=False)
+
+
+# ``memlayers probe retention --inject``: the parametric mode from the command line.
+
+FACTORY = '''
+calls = []
+
+
+def make(seed=0, decay=0.25):
+    """After batch b, facts of batch j score 1 - decay * (b - j); every injection is logged in calls."""
+    def inject(b):
+        calls.append(b)
+        return lambda j: {"score": max(0.0, 1.0 - decay * (b - j)), "seed": seed}
+    return inject
+'''
+
+
+@pytest.fixture
+def fake_factory(tmp_path, monkeypatch):
+    """A module ``fake_injection`` (importable, and as a file) with the factory ``make``."""
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    (folder / "fake_injection.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder / "fake_injection.py"
+    import sys
+
+    sys.modules.pop("fake_injection", None)
+
+
+def cli(argv):
+    from test_cli import main
+
+    return main(["probe", "retention", *argv, "--no-progress"])
+
+
+def test_cli_inject_runs_resumes_and_records_its_options(tmp_path, fake_factory):
+    import fake_injection
+
+    argv = ["--inject", "fake_injection:make", "--inject-option", "decay=0.5", "--batches", "3", "--seed", "7",
+            "--out", str(tmp_path / "out")]
+    assert cli(argv) == 0
+    run = tmp_path / "out" / "parametric-retention"
+    recs = load_records(run)
+    assert sorted((r["after_batch"], r["facts_batch"], r["score"]) for r in recs) == [
+        (0, 0, 1.0), (1, 0, 0.5), (1, 1, 1.0), (2, 0, 0.0), (2, 1, 0.5), (2, 2, 1.0)]
+    assert all(r["seed"] == 7 and r["config"]["inject_options"] == {"decay": 0.5} for r in recs)
+    assert recs[0]["config"]["model"] == "fake_injection:make" and (run / "summary.md").exists()
+    if plots_available():
+        assert (run / "retention.png").read_bytes()[:8] == PNG
+    assert fake_injection.calls == [0, 1, 2]
+    assert cli(argv) == 0 and fake_injection.calls == [0, 1, 2]  # resumed: every cell recorded, nothing injected
+    (run / "cells" / "after_batch=2__facts_batch=2.json").unlink()
+    assert cli(argv) == 0 and fake_injection.calls == [0, 1, 2, 0, 1, 2]  # replayed up to the missing cell
+    assert cli([*argv[:3], "decay=0.25", *argv[4:]]) == 2  # other options into the same folder: refused
+
+
+def test_cli_inject_from_a_file(tmp_path, fake_factory):
+    assert cli(["--inject", f"{fake_factory}:make", "--batches", "2", "--out", str(tmp_path / "out")]) == 0
+    assert len(load_records(tmp_path / "out" / "parametric-retention")) == 3
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "give --model (facts in the context) or --inject"),
+    (["--inject", "fake_injection:make"], "--inject needs --batches"),
+    (["--inject", "fake_injection:make", "--batches", "2", "--model", "m"], "--model and --inject exclude each other"),
+    (["--inject", "fake_injection:make", "--batches", "2", "--loads", "1,2"], "--loads applies to --model"),
+    (["--inject", "fake_injection:make", "--batches", "2", "--inject-option", "seed=3"], "give --seed instead"),
+    (["--inject", "fake_injection:make", "--batches", "2", "--inject-option", "nope=1"], "unexpected keyword"),
+    (["--inject", "fake_injection", "--batches", "2"], "--inject must look like"),
+    (["--inject", "no/such/file.py:make", "--batches", "2"], "no such file"),
+    (["--inject", "fake_injection:missing", "--batches", "2"], "cannot import"),
+    (["--model", "m", "--batches", "2"], "--batches applies to --inject"),
+])
+def test_cli_inject_bad_input_is_one_line(tmp_path, fake_factory, capsys, argv, words):
+    assert cli([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "out" / "parametric-retention").exists()
