@@ -308,28 +308,8 @@ class Experiment:
         With ``retention_dir``, the batches go through the retention probe's parametric mode
         (``memlayers.probes.run_parametric_retention``), which records there, per batch injected, the
         held-out accuracy of every fact batch so far, and draws the retention curves."""
-        torch.manual_seed(self.seed)
-        rng = random.Random(self.seed)
-        m = Method(method, self.model, self.cfg, lr, self.background_stats)
-        history, losses = [], []
+        m, inject_batch, history, losses = self.injector(method, lr)
         t0 = time.perf_counter()
-
-        def inject_batch(b: int):
-            train = self.train[b]
-            m.start_batch(train)
-            self.model.train()
-            order: List[int] = []
-            for _ in range(self.cfg["steps"]):
-                if len(order) < self.cfg["batch_size"]:
-                    order += rng.sample(range(len(train)), len(train))
-                rows, order = order[:self.cfg["batch_size"]], order[self.cfg["batch_size"]:]
-                losses.append(m.step(train.rows(torch.tensor(rows, device=self.device))))
-            m.end_batch()
-            history.append(self.measure(b + 1))
-            after = history[-1]
-            return lambda j: {"score": after["heldout_acc"][j], "train_acc": after["train_acc"][j],
-                              "heldout_prompts": len(self.heldout[j])}
-
         try:
             if retention_dir is None:
                 for b in range(batches):
@@ -346,6 +326,37 @@ class Experiment:
         finally:
             m.close(self.base_state)
         return out
+
+    def injector(self, method: str, lr: float):
+        """``(Method, inject_batch, history, losses)``: ``inject_batch(b)`` trains fact batch ``b`` (in
+        order from 0), appends the measurement after it to ``history`` and returns the retention
+        probe's responder ``facts_batch -> {"score": held-out accuracy, ...}``."""
+        torch.manual_seed(self.seed)
+        rng = random.Random(self.seed)
+        m = Method(method, self.model, self.cfg, lr, self.background_stats)
+        history: List[Dict] = []
+        losses: List[float] = []
+
+        def inject_batch(b: int):
+            if not 0 <= b < len(self.fact_batches):
+                raise ValueError(f"batch {b} does not exist: this scale has {len(self.fact_batches)} fact batches")
+            train = self.train[b]
+            m.start_batch(train)
+            self.model.train()
+            order: List[int] = []
+            for _ in range(self.cfg["steps"]):
+                if len(order) < self.cfg["batch_size"]:
+                    order += rng.sample(range(len(train)), len(train))
+                rows, order = order[:self.cfg["batch_size"]], order[self.cfg["batch_size"]:]
+                losses.append(m.step(train.rows(torch.tensor(rows, device=self.device))))
+            m.end_batch()
+            history.append(self.measure(b + 1))
+            after = history[-1]
+            return lambda j: {"score": after["heldout_acc"][j], "train_acc": after["train_acc"][j],
+                              "old_acc": after["old_acc"], "general_nll": after["general_nll"],
+                              "heldout_prompts": len(self.heldout[j])}
+
+        return m, inject_batch, history, losses
 
     def _unlearn(self, m: Method) -> Dict:
         """Forget the first half of the first batch's facts; measure them, the other injected facts,
@@ -537,6 +548,34 @@ def main(argv=None) -> Dict:
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(args.model, device=args.device)
     return run_experiment(model, tok, cfg, args.scale, args.device, Path(args.out), args.seed, t0)
+
+
+def injector(method: str, scale: str = "reduced", lr: float = None, model: str = "smollm2", device: str = "cpu",
+             seed: int = 0, threads: int = None):
+    """The retention probe's ``--inject`` factory: ``method``'s sequential fact batches of ``scale`` on
+    ``model``, one per ``inject(b)``, each returning the probe's responder (held-out accuracy of a
+    facts batch, with the old-question accuracy and general-text loss after batch ``b``)::
+
+        memlayers probe retention --inject models/continual_injection/run.py:injector \\
+            --inject-option method=sparse_memory --inject-option threads=1 --batches 3 --out results
+
+    ``lr``: by default the one the committed sweep chose (``results/<scale>.json``)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    if lr is None:
+        committed = HERE / "results" / f"{scale}.json"
+        if not committed.is_file():
+            raise ValueError(f"no committed sweep for scale {scale!r} ({committed}): give lr=...")
+        lr = json.loads(committed.read_text())["runs"][method]["lr"]
+    if threads is not None:
+        torch.set_num_threads(threads)
+    from memlayers.hf.pretrained import load_pretrained
+
+    torch.manual_seed(seed)
+    causal, tok = load_pretrained(model, device=device)
+    return Experiment(causal, tok, SCALES[scale], device, seed=seed).injector(method, float(lr))[1]
 
 
 def run_experiment(model, tok, cfg: Dict, scale: str, device, out: Path, seed: int = 0, t0=None) -> Dict:
