@@ -36,6 +36,7 @@ def _launch(kind: str, direction: str, D: int, dtype: str, hidden: int, chunk: i
 
     captured = []
     kernels = [host.titans_linear_fwd_kernel, host.titans_linear_bwd_recompute_kernel, host.titans_linear_bwd_kernel,
+               host.titans_linear_bwd_prep_kernel, host.titans_linear_bwd_grads_kernel,
                host.titans_mlp_fwd_kernel, host.titans_mlp_bwd_kernel,
                host.titans_gates_fwd_kernel, host.titans_gates_bwd_kernel]
     saved = [k.__dict__.get("run") for k in kernels]

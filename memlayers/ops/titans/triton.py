@@ -15,8 +15,10 @@ up to 256 and MLP hidden sizes up to 4x that (compiled and measured by tests/ops
 Memory use: the forward keeps the memory state every ``R = ceil(sqrt(#chunks))`` chunks, and the
 backward one segment of ``R`` states at a time per (batch, head), so per-chunk copies of the
 weights are never held for the whole sequence (O(sqrt(T / chunk)) states instead of O(T / chunk)).
-The linear memory's backward takes two launches per segment (its recompute, then its chunks), so
-that neither kernel holds the other's registers: ``2 * ceil(#chunks / R)`` launches.
+The linear memory's backward takes five launches per segment (its recompute, a per-chunk prep, the
+sequential state-gradient pass, the per-chunk gradients on the queries' and the keys' side), so that
+no kernel holds another's registers: ``5 * ceil(#chunks / R)`` launches, and per program a scratch
+of ``5 R`` chunk tiles (``[C, BV]`` and ``[Dk, BV]``) beside the ``R`` recomputed states.
 The gate quantities take ``T * (C + 5)`` fp32 per (batch, head), for the forward and again for the
 backward (recomputed there rather than kept), and the backward's gradients of them as much again.
 """
@@ -32,7 +34,10 @@ import triton.language as tl
 
 from .triton_common import BIAS_IDS
 from .triton_gates import titans_gates_bwd_kernel, titans_gates_fwd_kernel
-from .triton_linear import titans_linear_bwd_kernel, titans_linear_bwd_recompute_kernel, titans_linear_fwd_kernel
+from .triton_linear import (
+    titans_linear_bwd_grads_kernel, titans_linear_bwd_kernel, titans_linear_bwd_prep_kernel,
+    titans_linear_bwd_recompute_kernel, titans_linear_fwd_kernel,
+)
 from .triton_mlp import titans_mlp_bwd_kernel, titans_mlp_fwd_kernel
 
 
@@ -72,9 +77,9 @@ def value_block(bk: int, bv: int) -> int:
 
 
 def key_block(bk: int) -> int:
-    """Key dimensions per block of the linear memory backward's stream over the keys: with 32, the
-    head-dim-128 backward compiles without spills for sm_90 (254 / 255 registers, Triton 3.9 / 3.6;
-    16 and 64 spilled 32-248 bytes on one of them, measured)."""
+    """Key dimensions per block of the linear memory backward's streams over the keys. With 32 and
+    64-token chunks every backward kernel compiles without spills for sm_90 at head dims 64 and 128
+    (Triton 3.9 / 3.6; at most 234 registers, the sequential kernel at head dim 64; measured)."""
     return min(bk, 32)
 
 
@@ -197,6 +202,37 @@ def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size,
     return y, tuple(wt), (tuple(st) if momentum is not None else None), (ckw, cks), g
 
 
+def _linear_bwd(g: _Geometry, qkv, gates, ckpt, dy, grads, dw0, ds0, scw, scs, split, has_momentum, scalars, flags):
+    """The linear memory's backward, segment by segment from the last: five launches each (see
+    triton_linear.py): the chunk-start states' recompute, the per-chunk prep (grid axis 2: the
+    segment's chunks), the sequential state-gradient pass, the per-chunk gradients (queries' side,
+    keys' side)."""
+    dev = dy.device
+    ckw, cks = ckpt
+    # Per-program scratch of [C, BV] tiles, one per chunk of a segment: E, g'(residuals), E's gradient then dr.
+    sce, sch, scd = (torch.empty(g.BH * g.NV * g.R, g.C, g.BV, dtype=torch.float32, device=dev) for _ in range(3))
+    # The chunk-end state gradients, like the chunk-start states' scratch.
+    sgw, sgs = _state_buffers((g.BH * g.NV * g.R,), [(g.BK, g.BV)], has_momentum, dev)
+    T, NC, R, p, delta, eps = scalars
+    sizes = {n: flags[n] for n in ("DK", "DV", "BK", "BV", "BC", "MM", "PREC", "num_warps", "num_stages")}
+    sizes["BKB"] = key_block(g.BK)
+    dqp, dkp, dv, dct, *dvec = grads
+    for seg in reversed(range(g.NSEG)):
+        titans_linear_bwd_recompute_kernel[(g.BH, g.NV)](*qkv, *gates, ckw[0], cks[0], scw, scs, seg, *scalars, **flags)
+        titans_linear_bwd_prep_kernel[(g.BH, g.NV, g.R)](
+            *qkv, gates[0], dy, scw, sce, sch, scd, seg, *scalars, BIAS=flags["BIAS"], **sizes,
+        )
+        titans_linear_bwd_kernel[(g.BH, g.NV)](
+            qkv[0], qkv[1], *gates[1:], dy, dv, sch, scd, sgw[0], sgs[0], dw0, ds0, seg, T, NC, R,
+            MOMENTUM=has_momentum, **sizes,
+        )
+        for keys in (False, True):
+            titans_linear_bwd_grads_kernel[(g.BH, g.NV, g.R)](
+                qkv[0], qkv[1], gates[0], *gates[1:5], dy, dqp, dkp, dct, *dvec, scw, scs, sce, scd, sgw[0], sgs[0],
+                seg, T, NC, R, MOMENTUM=has_momentum, SPLIT=split, KEYS=keys, **sizes,
+            )
+
+
 def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_momentum, bias, p, delta, eps, prec):
     """Launch the backward kernel. Returns ``(dq, dk, dv, dtheta, dalpha, deta, dweights, dmomentum)``."""
     depth = len(dwt)
@@ -232,15 +268,8 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     for dst_, src in zip(dw0 + (ds0 if has_momentum else []), list(dwt) + (list(dst) if has_momentum else [])):
         dst_.copy_(src)
     if depth == 1:
-        dy = dy.contiguous()
-        for seg in reversed(range(g.NSEG)):
-            titans_linear_bwd_recompute_kernel[(g.BH, g.NV)](
-                *qkv, *gates, ckw[0], cks[0], scw[0], scs[0], seg, *scalars, **flags,
-            )
-            titans_linear_bwd_kernel[(g.BH, g.NV)](
-                *qkv, *gates, scw[0], scs[0], dy, *grads, dw0[0], ds0[0], seg, *scalars,
-                BKB=key_block(g.BK), SPLIT=split, **flags,
-            )
+        _linear_bwd(g, qkv, gates, ckpt, dy.contiguous(), grads, dw0[0], ds0[0], scw[0], scs[0], split, has_momentum,
+                    scalars, flags)
     else:
         titans_mlp_bwd_kernel[(g.BH,)](
             *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dw0, *ds0, *grads, *scalars, **flags,
