@@ -1,5 +1,7 @@
 """memory_attention: the Triton kernel against the naive path (output, lse and every gradient),
 merge_attention against one softmax over the union of key sets, and bad input."""
+import importlib
+
 import pytest
 import torch
 
@@ -150,6 +152,31 @@ def test_naive_matches_explicit_softmax(C, dim_major):
             s = kr @ q[0, h, t] * D ** -0.5
             torch.testing.assert_close(lse[0, h, t], torch.logsumexp(s, 0))
             torch.testing.assert_close(out[0, h, t], s.softmax(0) @ values[0, h // 2, sel])
+
+
+# Blocks of one query and of 3 (T = 7 leaves a partial block), both read paths (C = 12 and 200).
+@pytest.mark.parametrize("C", [12, 200])
+@pytest.mark.parametrize("block_queries", [1, 3])
+def test_naive_query_blocks_change_nothing(monkeypatch, C, block_queries):
+    """The CPU path reads its queries' rows a block at a time: out and lse equal one block's bit for bit,
+    gradients up to the order in which the blocks' reads of one slot add up."""
+    naive = importlib.import_module("memlayers.ops.memory_attention.naive")  # the package's name is also the op's
+
+    B, Hq, Hkv, T, D, Dv, k = 2, 6, 3, 7, 8, 6, 5
+    q = torch.randn(B, Hq, T, D, requires_grad=True)
+    keys = torch.randn(B, Hkv, C, D, requires_grad=True)
+    values = torch.randn(B, Hkv, C, Dv, requires_grad=True)
+    idx = torch.randint(-1, C, (B, Hq, T, k))
+    pos = torch.randint(0, 40, (B, C))
+    cos, sin = rotary_tables(40, D, "cpu")
+    results = []
+    for elements in (1 << 30, block_queries * B * Hq * k * D):
+        monkeypatch.setattr(naive, "READ_BLOCK_ELEMENTS", elements)
+        out, lse = memory_attention(q, keys, values, idx, mem_positions=pos, rotary_cos=cos, rotary_sin=sin,
+                                    backend="torch")
+        results.append((out, lse, *torch.autograd.grad((out.square().sum() + lse[lse.isfinite()].sum()), (q, keys, values))))
+    for i, (whole, blocked) in enumerate(zip(*results)):
+        torch.testing.assert_close(blocked, whole, **({"rtol": 0, "atol": 0} if i < 2 else {}))
 
 
 def test_merge_attention_is_one_softmax():

@@ -20,6 +20,9 @@ from typing import Optional, Tuple
 
 import torch
 
+# Gathered key (or value) elements per query block of the CPU path (4 MB in fp32).
+READ_BLOCK_ELEMENTS = 1 << 20
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """HF convention: ``[x1, x2] -> [-x2, x1]`` over the last dimension."""
@@ -69,23 +72,40 @@ def memory_attention_naive(
     """
     B, Hq, T, D = q.shape
     Hkv, C = mem_keys.shape[1], mem_keys.shape[2]
-    k = indices.shape[3]
-    valid = indices >= 0
-    slots = indices.clamp_min(0).long().reshape(B, Hkv, -1)  # [B, Hkv, G * T * k]
+    k, Dv = indices.shape[3], mem_values.shape[3]
     rotary = rotary_cos is not None
-    if slots.shape[2] >= C:
+    keys, values = mem_keys, mem_values
+    if Hq * T * k >= Hkv * C:  # the reads outnumber the slots: convert (and rotate) every slot once
         keys = mem_keys.contiguous().float()
         if rotary:
             keys = _rotate(keys, mem_positions[:, None], rotary_cos, rotary_sin)
-        keys = _rows(keys, slots)
-        values = _rows(mem_values.contiguous().float(), slots)
-    else:
-        keys = _rows(mem_keys, slots).float()
-        if rotary:
-            keys = _rotate(keys, mem_positions.gather(1, slots.reshape(B, -1)).view(slots.shape), rotary_cos, rotary_sin)
-        values = _rows(mem_values, slots).float()
+        values = mem_values.contiguous().float()
+        rotary = False
+    # Queries a block at a time: each block's gathered rows stay near READ_BLOCK_ELEMENTS (cache-sized,
+    # reused heap memory), where one [B, Hq, T, k, D] read of a whole chunk (tens of MB) page-faulted
+    # its way through fresh memory. Every query's result is computed alone, so blocks change nothing.
+    step = max(1, READ_BLOCK_ELEMENTS // max(1, B * Hq * k * max(D, Dv)))
+    parts = [_attend_block(q[:, :, t0:t0 + step], keys, values, indices[:, :, t0:t0 + step], scale, rotary,
+                           mem_positions, rotary_cos, rotary_sin) for t0 in range(0, T, step)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
+
+
+def _attend_block(q, keys, values, indices, scale, rotary, mem_positions, rotary_cos, rotary_sin):
+    """``memory_attention_naive`` of the queries ``q [B, Hq, t, D]`` over ``keys/values`` (the raw
+    buffers, rotated here when ``rotary``, or already converted and rotated)."""
+    B, Hq, T, D = q.shape
+    Hkv = keys.shape[1]
+    k = indices.shape[3]
+    valid = indices >= 0
+    slots = indices.clamp_min(0).long().reshape(B, Hkv, -1)  # [B, Hkv, G * t * k]
+    mk = _rows(keys, slots).float()
+    if rotary:
+        mk = _rotate(mk, mem_positions.gather(1, slots.reshape(B, -1)).view(slots.shape), rotary_cos, rotary_sin)
+    mv = _rows(values, slots).float()
     rows = B * Hq * T
-    scores = torch.bmm(keys.view(rows, k, D), q.float().reshape(rows, D, 1)).view(B, Hq, T, k) * scale
+    scores = torch.bmm(mk.view(rows, k, D), q.float().reshape(rows, D, 1)).view(B, Hq, T, k) * scale
     scores = scores.masked_fill(~valid, float("-inf"))
     m = scores.amax(dim=-1)
     # A query with no valid memory has m = -inf; shifting by 0 instead keeps exp() finite (all zeros).
@@ -93,7 +113,7 @@ def memory_attention_naive(
     p = torch.exp(scores - m[..., None])
     l = p.sum(dim=-1)
     tiny = torch.finfo(torch.float32).tiny
-    out = torch.bmm(p.view(rows, 1, k), values.view(rows, k, -1)).view(B, Hq, T, -1) / l.clamp_min(tiny)[..., None]
+    out = torch.bmm(p.view(rows, 1, k), mv.view(rows, k, -1)).view(B, Hq, T, -1) / l.clamp_min(tiny)[..., None]
     # l == 0: no valid memory (lse -inf); a NaN score (NaN query) leaves NaN in out and lse alike.
     lse = torch.where(l == 0, torch.full_like(l, float("-inf")), m + torch.log(l.clamp_min(tiny)))
     return out.to(q.dtype), lse
