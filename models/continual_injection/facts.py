@@ -87,25 +87,113 @@ def _qa(pairs) -> List[Tuple[str, str]]:
 
 
 # Cloze form: a small instruct model answers "Q: ...? A:" with a sentence ("The capital of ..."),
-# so exact-match scoring of the first answer tokens asks for the completion itself.
-OLD_QUESTIONS = [(p, " " + a) for p, a in [
-    ("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo"),
-    ("The capital of Italy is", "Rome"), ("The capital of Germany is", "Berlin"),
-    ("The capital of Spain is", "Madrid"), ("The capital of England is", "London"),
-    ("The capital of Russia is", "Moscow"), ("The capital of Egypt is", "Cairo"),
-    ("The capital of Canada is", "Ottawa"), ("The capital of China is", "Beijing"),
+# so exact-match scoring of the first answer tokens asks for the completion itself. A large set
+# written here (no download), so that the ones the base model answers right are many and a drop is
+# measured in small steps; none of them is in the background corpus.
+_CAPITALS = [
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"),
+    ("England", "London"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("China", "Beijing"),
+    ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Hungary", "Budapest"),
+    ("Belgium", "Brussels"), ("the Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Turkey", "Ankara"),
+    ("India", "New Delhi"), ("Thailand", "Bangkok"), ("South Korea", "Seoul"), ("Indonesia", "Jakarta"),
+    ("the Philippines", "Manila"), ("Vietnam", "Hanoi"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+    ("Kenya", "Nairobi"), ("Nigeria", "Abuja"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"),
+    ("Chile", "Santiago"), ("Colombia", "Bogota"), ("Mexico", "Mexico City"), ("Cuba", "Havana"),
+    ("Australia", "Canberra"), ("New Zealand", "Wellington"), ("the United States", "Washington"),
+    ("Scotland", "Edinburgh"), ("Wales", "Cardiff"), ("Ukraine", "Kyiv"), ("the Czech Republic", "Prague"),
+    ("Romania", "Bucharest"), ("Saudi Arabia", "Riyadh"), ("Israel", "Jerusalem"), ("Venezuela", "Caracas"),
+]
+_LANGUAGES = [
+    ("Brazil", "Portuguese"), ("Mexico", "Spanish"), ("France", "French"), ("Germany", "German"),
+    ("Italy", "Italian"), ("Japan", "Japanese"), ("China", "Chinese"), ("Russia", "Russian"),
+    ("Greece", "Greek"), ("Sweden", "Swedish"), ("the Netherlands", "Dutch"), ("Poland", "Polish"),
+    ("Turkey", "Turkish"), ("Korea", "Korean"), ("Argentina", "Spanish"), ("Egypt", "Arabic"),
+]
+_OPPOSITES = [
+    ("hot", "cold"), ("up", "down"), ("day", "night"), ("black", "white"), ("fast", "slow"), ("old", "young"),
+    ("happy", "sad"), ("open", "closed"), ("left", "right"), ("light", "dark"), ("wet", "dry"), ("hard", "soft"),
+    ("early", "late"), ("rich", "poor"), ("full", "empty"), ("strong", "weak"), ("true", "false"),
+    ("win", "lose"), ("love", "hate"), ("north", "south"), ("east", "west"), ("inside", "outside"),
+    ("push", "pull"), ("buy", "sell"), ("first", "last"), ("thick", "thin"), ("heavy", "light"),
+    ("top", "bottom"), ("start", "finish"), ("yes", "no"),
+]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+_NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+_YOUNG = [("dog", "puppy"), ("cat", "kitten"), ("cow", "calf"), ("sheep", "lamb"), ("horse", "foal"),
+          ("frog", "tadpole"), ("goat", "kid"), ("bear", "cub"), ("duck", "duckling"), ("swan", "cygnet")]
+_SOUNDS = [("moo", "cow"), ("woof", "dog"), ("meow", "cat"), ("quack", "duck"), ("oink", "pig"), ("baa", "sheep"),
+           ("neigh", "horse"), ("hiss", "snake"), ("roar", "lion"), ("buzz", "bee")]
+_PLURALS = [("mouse", "mice"), ("child", "children"), ("foot", "feet"), ("tooth", "teeth"), ("man", "men"),
+            ("woman", "women"), ("goose", "geese"), ("person", "people"), ("knife", "knives"), ("leaf", "leaves")]
+_PAST = [("go", "went"), ("eat", "ate"), ("see", "saw"), ("run", "ran"), ("write", "wrote"), ("take", "took"),
+         ("give", "gave"), ("swim", "swam"), ("drink", "drank"), ("sing", "sang"), ("fly", "flew"), ("buy", "bought")]
+_MISC = [
     ("On a clear day the color of the sky is", "blue"), ("The color of fresh grass is", "green"),
-    ("The color of fresh snow is", "white"), ("Ripe bananas are", "yellow"),
-    ("Frozen water is called", "ice"), ("A spider has eight", "legs"),
-    ("There are seven days in a", "week"), ("The opposite of hot is", "cold"),
-    ("The opposite of up is", "down"), ("The animal that says meow is the", "cat"),
+    ("The color of fresh snow is", "white"), ("Ripe bananas are", "yellow"), ("Frozen water is called", "ice"),
+    ("A spider has eight", "legs"), ("There are seven days in a", "week"), ("The animal that says meow is the", "cat"),
     ("The planet we live on is called", "Earth"), ("The largest ocean on Earth is the", "Pacific"),
     ("Romeo and Juliet was written by William", "Shakespeare"), ("Bees make", "honey"),
-    ("The language spoken in Brazil is", "Portuguese"), ("Water boils at 100 degrees", "Celsius"),
-    ("The first man to walk on the Moon was Neil", "Armstrong"), ("The Statue of Liberty is in New", "York"),
-    ("Albert Einstein developed the theory of", "relativity"), ("The tallest animal in the world is the", "giraffe"),
-    ("The Great Wall is in", "China"), ("The chemical symbol for water is", "H"),
-]]
+    ("Water boils at 100 degrees", "Celsius"), ("The first man to walk on the Moon was Neil", "Armstrong"),
+    ("The Statue of Liberty is in New", "York"), ("Albert Einstein developed the theory of", "relativity"),
+    ("The tallest animal in the world is the", "giraffe"), ("The Great Wall is in", "China"),
+    ("The chemical symbol for water is", "H"), ("A triangle has three", "sides"), ("A square has four", "sides"),
+    ("The Sun rises in the", "east"), ("The Sun sets in the", "west"), ("There are twelve months in a", "year"),
+    ("There are sixty minutes in an", "hour"), ("There are sixty seconds in a", "minute"),
+    ("There are twenty-four hours in a", "day"), ("The largest planet in the solar system is", "Jupiter"),
+    ("The planet closest to the Sun is", "Mercury"), ("The red planet is", "Mars"),
+    ("The Earth orbits the", "Sun"), ("The Moon orbits the", "Earth"), ("Plants need sunlight to make their",
+                                                                          "food"),
+    ("The gas we breathe in to live is", "oxygen"), ("The longest river in Africa is the", "Nile"),
+    ("The largest desert in Africa is the", "Sahara"), ("The highest mountain in the world is Mount", "Everest"),
+    ("The Eiffel Tower is in", "Paris"), ("The Colosseum is in", "Rome"), ("Big Ben is in", "London"),
+    ("The pyramids of Giza are in", "Egypt"), ("The Taj Mahal is in", "India"),
+    ("The Mona Lisa was painted by Leonardo da", "Vinci"), ("The theory of evolution was proposed by Charles",
+                                                           "Darwin"),
+    ("The first president of the United States was George", "Washington"),
+    ("Harry Potter was written by J. K.", "Rowling"), ("The author of Hamlet is William", "Shakespeare"),
+    ("The Beatles came from the city of", "Liverpool"), ("A baby's first food is", "milk"),
+    ("Cows give us", "milk"), ("Hens lay", "eggs"), ("Fish breathe through their", "gills"),
+    ("Birds are covered in", "feathers"), ("A camel can live for a long time in the", "desert"),
+    ("Penguins live in", "Antarctica"), ("The king of the jungle is the", "lion"),
+    ("The fastest land animal is the", "cheetah"), ("The largest animal on Earth is the blue", "whale"),
+    ("An animal that eats only plants is called a", "herbivore"), ("A doctor works in a", "hospital"),
+    ("A teacher works in a", "school"), ("A chef works in a", "kitchen"), ("We read books in a", "library"),
+    ("We see films at the", "cinema"), ("Letters are delivered by the", "post"),
+    ("You write on a blackboard with", "chalk"), ("Clocks tell the", "time"), ("We cut paper with", "scissors"),
+    ("Rain falls from the", "sky"), ("A rainbow has seven", "colors"), ("Lemons taste", "sour"),
+    ("Sugar tastes", "sweet"), ("The freezing point of water is zero degrees", "Celsius"),
+    ("Two plus two equals", "four"), ("Three plus three equals", "six"), ("Ten minus five equals", "five"),
+    ("Humans have two eyes and one", "nose"), ("The heart pumps", "blood"), ("We hear with our", "ears"),
+    ("We see with our", "eyes"), ("We smell with our", "nose"), ("The season after summer is", "autumn"),
+    ("The season after spring is", "summer"), ("The coldest season of the year is", "winter"),
+    ("Christmas is celebrated in the month of", "December"), ("The currency of Japan is the", "yen"),
+    ("The currency of the United Kingdom is the pound", "sterling"), ("The currency of the United States is the",
+                                                                     "dollar"),
+    ("The Pacific and the Atlantic are", "oceans"), ("Mount Everest is in the", "Himalayas"),
+    ("The capital city of the United Kingdom is", "London"), ("Football is played with a", "ball"),
+    ("Tennis is played with a", "racket"), ("The Olympic Games are held every four", "years"),
+]
+
+
+def _old_questions() -> List[Tuple[str, str]]:
+    pairs = [(f"The capital of {c} is", a) for c, a in _CAPITALS]
+    pairs += [(f"The language spoken in {c} is", a) for c, a in _LANGUAGES]
+    pairs += [(f"The opposite of {w} is", a) for w, a in _OPPOSITES]
+    pairs += [(f"The day after {d} is", _DAYS[(i + 1) % 7]) for i, d in enumerate(_DAYS)]
+    pairs += [(f"The month after {m} is", _MONTHS[(i + 1) % 12]) for i, m in enumerate(_MONTHS)]
+    pairs += [(f"The number after {n} is", _NUMBERS[i + 1]) for i, n in enumerate(_NUMBERS[:-1])]
+    pairs += [(f"A baby {a} is called a", y) for a, y in _YOUNG]
+    pairs += [(f"The animal that says {s} is the", a) for s, a in _SOUNDS]
+    pairs += [(f"The plural of {w} is", p) for w, p in _PLURALS]
+    pairs += [(f"The past tense of {w} is", p) for w, p in _PAST]
+    pairs += _MISC
+    return [(p, " " + a) for p, a in dict.fromkeys(pairs)]
+
+
+OLD_QUESTIONS = _old_questions()
 
 GENERAL_TEXT = (
     "The river begins high in the mountains, where melting snow gathers into small streams that run "

@@ -53,18 +53,21 @@ METHODS = ("sparse_memory", "dense_memory", "lora", "full")
 
 SCALES = {
     # 2 CPU cores: 12 facts in 3 batches, 10 full-batch steps each; memory on two middle layers,
-    # 128^2 = 16384 slots each. Each method's lrs span 10x around where 10 steps learn batch 1
+    # 256^2 = 65536 slots each, so that the 128 slots trained per fact are a small share of what any
+    # prompt reads (Lin et al. use 1M slots; with 16384 slots and 256 per fact, old questions lost
+    # 12% where they lose 2-4% now). Each method's lrs span 10x around where 10 steps learn batch 1
     # (the values move by about lr per step under Adam and must reach the hidden state's scale).
-    # 256 slots per fact rather than 64: the same learning at a third of the lr, so each slot moves
-    # less, and a prompt of another fact that reads a few of them is moved less (forgetting some
-    # facts then leaves the others' accuracy as it was; with 64 it did not).
+    # The TF-IDF background: the 26 written texts and 256 texts of 64 tokens sampled from the base
+    # model itself (with the written texts alone, IDF cannot tell general slots from rare ones).
     "reduced": dict(facts=12, batches=3, train_questions=2, heldout_questions=2, steps=10, batch_size=12,
-                    pkm_layers=[12, 18], num_keys=128, top_k=16, heads=4, slots_per_fact=256, lora_rank=8,
+                    pkm_layers=[12, 18], num_keys=256, top_k=16, heads=4, slots_per_fact=128, lora_rank=8,
+                    background_samples=256, background_tokens=64,
                     lrs={"sparse_memory": [0.1, 0.3, 1.0], "dense_memory": [0.01, 0.03, 0.1],
                          "lora": [3e-4, 1e-3, 3e-3], "full": [1e-5, 3e-5, 1e-4]}),
     # One GPU: 200 facts in 5 batches, 512^2 = 262144 slots per memory.
     "full": dict(facts=200, batches=5, train_questions=3, heldout_questions=2, steps=120, batch_size=32,
                  pkm_layers=[12, 18], num_keys=512, top_k=32, heads=4, slots_per_fact=256, lora_rank=16,
+                 background_samples=2048, background_tokens=128,
                  lrs={"sparse_memory": [0.1, 0.3, 1.0], "dense_memory": [0.01, 0.03, 0.1], "lora": [3e-4, 1e-3, 3e-3],
                       "full": [1e-5, 3e-5, 1e-4]}),
 }
@@ -240,8 +243,11 @@ class Experiment:
         self.fact_batches = [self.facts[i:i + per] for i in range(0, len(self.facts), per)]
         self.train = [self._examples(fb, "train") for fb in self.fact_batches]
         self.heldout = [self._examples(fb, "heldout") for fb in self.fact_batches]
-        bg = BACKGROUND_QUESTIONS + [(t, "") for t in BACKGROUND_TEXT]
-        self.background = [(e.ids, e.mask) for e in [self._plain(bg)]]
+        texts = [p + a for p, a in BACKGROUND_QUESTIONS] + BACKGROUND_TEXT
+        texts += sampled_texts(model, tokenizer, cfg.get("background_samples", 0), cfg.get("background_tokens", 0),
+                               seed, device)
+        self.background = [(e.ids, e.mask) for e in (_plain_examples(tokenizer, texts[s:s + 32], device)
+                                                     for s in range(0, len(texts), 32))]
         self._background_stats: Dict[Tuple, object] = {}
         with torch.no_grad():
             _, hit = answer_scores(model, Examples(tokenizer, OLD_QUESTIONS, [-1] * len(OLD_QUESTIONS), device))
@@ -268,10 +274,6 @@ class Experiment:
                 pairs.append(pair)
                 groups.append(f.id)
         return Examples(self.tok, pairs, groups, self.device)
-
-    def _plain(self, pairs) -> Examples:
-        # Background rows: prompt and answer as one plain text.
-        return _plain_examples(self.tok, [p + a for p, a in pairs], self.device)
 
     @torch.no_grad()
     def measure(self, upto: int) -> Dict:
@@ -400,6 +402,41 @@ class Experiment:
                 for who, ids in (("forgotten", forget), ("kept", keep)) for part in ("train", "heldout")}
 
 
+# Openings of the sampled background texts: generic, none about the facts' people or relations.
+OPENINGS = ["The", "In", "Today", "Many people", "Scientists", "The history of", "When I was", "One of the most",
+            "It is", "There are", "The best way to", "A new", "Most", "Water", "During the", "My"]
+
+
+@torch.no_grad()
+def sampled_texts(model, tokenizer, n: int, tokens: int, seed: int, device) -> List[str]:
+    """``n`` texts of ``tokens`` tokens sampled from the base model (temperature 1), from generic
+    openings in turn: the background corpus of the TF-IDF slot selection, standing for the data
+    the model was trained on (Lin et al. use pretraining data), written offline by the model itself."""
+    if n <= 0:
+        return []
+    g = torch.Generator().manual_seed(seed + 1)
+    out: List[str] = []
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for i, opening in enumerate(OPENINGS):
+        count = n // len(OPENINGS) + (i < n % len(OPENINGS))
+        if count == 0:
+            continue
+        ids = torch.tensor([tokenizer.encode(opening, add_special_tokens=False)] * count, device=device)
+        past, step_ids, rows = None, ids, [ids]
+        for _ in range(tokens):
+            res = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            probs = torch.softmax(res.logits[:, -1].float(), dim=-1).cpu()
+            step_ids = torch.multinomial(probs, 1, generator=g).to(device)
+            rows.append(step_ids)
+        for row in torch.cat(rows, dim=1).tolist():
+            out.append(tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True))
+    model.train(was_training)
+    return out
+
+
 def _plain_examples(tokenizer, texts: Sequence[str], device) -> Examples:
     """Rows of plain text (no answer): ids and mask for the slot statistics."""
     rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
@@ -437,14 +474,21 @@ def choose(records: List[Dict], base: Dict) -> Dict:
     return min(records, key=key)
 
 
-def target_check(summary: Dict[str, Dict], base_acc: float) -> Dict:
+def target_check(summary: Dict[str, Dict], base_acc: float, old_questions: int) -> Dict:
     """The issue's target: memory fine-tuning learns at least as well as LoRA (and better than the
     base model's ``base_acc``) with at most a quarter of LoRA's forgetting (each forgetting measure,
-    negative changes counted as 0)."""
+    negative changes counted as 0). The old-question drop is compared in questions (of the
+    ``old_questions`` the base model answered right), so that float rounding cannot decide it."""
     s, lora = summary["sparse_memory"], summary["lora"]
     learns = s["new_fact_acc"] >= lora["new_fact_acc"] and s["new_fact_acc"] > base_acc
-    forgets = {m: max(s[m], 0.0) <= 0.25 * max(lora[m], 0.0) for m in ("old_drop", "nll_increase")}
+
+    def lost(m):
+        return max(round(m["old_drop"] * old_questions), 0)
+
+    forgets = {"old_drop": 4 * lost(s) <= lost(lora),
+               "nll_increase": max(s["nll_increase"], 0.0) <= 0.25 * max(lora["nll_increase"], 0.0)}
     return {"learns_as_well_as_lora": learns, "quarter_of_lora_forgetting": forgets,
+            "old_questions_lost": {"sparse_memory": lost(s), "lora": lost(lora)},
             "met": bool(learns and all(forgets.values()))}
 
 
@@ -460,22 +504,26 @@ def markdown(result: Dict) -> str:
         "| general-text loss increase (nats) | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| base model | - | {sum(base['heldout_acc']) / len(base['heldout_acc']):.2f} | {base['heldout_acc'][0]:.2f} "
-        f"| {base['old_acc']:.2f} | - | - | - |",
+        f"| {base['old_acc']:.3f} | - | - | - |",
     ]
     for name in METHODS:
         s, run = result["summary"][name], result["runs"][name]
-        lines.append(f"| {name} | {run['lr']:g} | {s['new_fact_acc']:.2f} | {s['first_batch_acc']:.2f} | {s['old_acc']:.2f} "
-                     f"| {s['old_drop']:.2f} | {s['nll_increase']:+.3f} | {run['seconds']:.0f} |")
+        lines.append(f"| {name} | {run['lr']:g} | {s['new_fact_acc']:.2f} | {s['first_batch_acc']:.2f} | {s['old_acc']:.3f} "
+                     f"| {s['old_drop']:.3f} | {s['nll_increase']:+.3f} | {run['seconds']:.0f} |")
+    n_old = result["old_questions_base_right"]
+    lines += ["", f"Old questions: the {n_old} of {result['old_questions']} general-knowledge cloze questions that the "
+              f"base model answers right; one question is {1 / n_old:.4f} of the old-question accuracy."]
     t = result["target"]
     lines += ["", f"Target (sparse memory learns as well as LoRA with <= 1/4 of its forgetting): **{'met' if t['met'] else 'not met'}** "
-              f"(learns as well: {t['learns_as_well_as_lora']}; quarter of forgetting: {t['quarter_of_lora_forgetting']})."]
+              f"(learns as well: {t['learns_as_well_as_lora']}; quarter of forgetting: {t['quarter_of_lora_forgetting']}; "
+              f"old questions lost: {t['old_questions_lost']})."]
     lines += ["", "Learning-rate sweep (first batch only; the chosen lr is in bold):", "",
               "| method | lr | held-out acc | old-question drop | general-text loss increase (nats) |",
               "| --- | --- | --- | --- | --- |"]
     for name in METHODS:
         for r in result["sweep"][name]:
             lr = f"**{r['lr']:g}**" if r["lr"] == result["runs"][name]["lr"] else f"{r['lr']:g}"
-            lines.append(f"| {name} | {lr} | {r['new_fact_acc']:.2f} | {r['old_drop']:.2f} | {r['nll_increase']:+.3f} |")
+            lines.append(f"| {name} | {lr} | {r['new_fact_acc']:.2f} | {r['old_drop']:.3f} | {r['nll_increase']:+.3f} |")
     u = result["runs"]["sparse_memory"].get("unlearning")
     if u:
         lines += ["", f"Unlearning (sparse memory, facts {u['forgotten_facts']} forgotten, {u['slots_reset']} slots reset; "
@@ -609,7 +657,8 @@ def run_experiment(model, tok, cfg: Dict, scale: str, device, out: Path, seed: i
         "base": exp.base, "old_questions_base_right": len(exp.old), "old_questions": len(OLD_QUESTIONS),
         "facts": [{"id": f.id, "entity": f.entity, "relation": f.relation, "answer": f.answer} for f in exp.facts],
         "sweep": {n: [{"lr": r["lr"], **summarize(r, exp.base)} for r in rs] for n, rs in sweep.items()},
-        "runs": runs, "summary": summary, "target": target_check(summary, sum(exp.base["heldout_acc"]) / len(exp.base["heldout_acc"])),
+        "runs": runs, "summary": summary,
+        "target": target_check(summary, sum(exp.base["heldout_acc"]) / len(exp.base["heldout_acc"]), len(exp.old)),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     partial.unlink()

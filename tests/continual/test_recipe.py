@@ -32,6 +32,9 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=False):
         return [min(max(ord(c) - 31, 1), 95) for c in text]
 
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i + 31) for i in ids)
+
 
 def test_recipe_runs_every_method_and_unlearns_exactly(tmp_path):
     run = load_recipe()
@@ -39,6 +42,7 @@ def test_recipe_runs_every_method_and_unlearns_exactly(tmp_path):
     model = tiny_llama(layers=2, hidden=32)
     cfg = dict(facts=4, batches=2, train_questions=1, heldout_questions=1, steps=2, batch_size=4, pkm_layers=[1],
                num_keys=8, top_k=4, heads=2, slots_per_fact=6, lora_rank=2, backend="torch",
+               background_samples=20, background_tokens=5,
                lrs={"sparse_memory": [0.1], "dense_memory": [0.01], "lora": [1e-3, 1e-2], "full": [1e-3]})
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     result = run.run_experiment(model, CharTokenizer(), cfg, "tiny", "cpu", tmp_path)
@@ -84,3 +88,17 @@ def test_recipe_injector_feeds_the_retention_probe(tmp_path):
         inject(2)
     with pytest.raises(ValueError, match="method must be one of"):
         run.injector("adapter")
+
+
+def test_sampled_background_texts_are_seeded_and_counted():
+    run = load_recipe()
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2, hidden=32)
+    texts = run.sampled_texts(model, CharTokenizer(), 20, 5, seed=3, device="cpu")
+    assert len(texts) == 20 and texts == run.sampled_texts(model, CharTokenizer(), 20, 5, seed=3, device="cpu")
+    # 20 texts over 16 openings: the first 4 openings twice, the others once; 5 sampled tokens each
+    openings = [o for i, o in enumerate(run.OPENINGS) for _ in range(2 if i < 4 else 1)]
+    tok = CharTokenizer()
+    assert all(t.startswith(o) and len(tok.encode(o)) < len(tok.encode(t)) <= len(tok.encode(o)) + 5
+               for t, o in zip(texts, openings))
+    assert run.sampled_texts(model, CharTokenizer(), 0, 5, seed=3, device="cpu") == []
