@@ -47,10 +47,10 @@ def test_chunks_and_partial_last_chunk(monkeypatch, T, chunk):
         assert bool((i[1, 2:] == -1).all()) and bool((i[1, :2, :, :] < 7).all())
 
 
-@pytest.mark.parametrize("k", [1, 3, 16])
-def test_two_stage_selection_is_exact(k):
+# M: whole groups only, and a remainder past the last group (odd sizes).
+@pytest.mark.parametrize("k,M", [(1, 64), (3, 1000), (16, 4096), (16, 333), (32, 16387)])
+def test_two_stage_selection_is_exact(k, M):
     torch.manual_seed(k)
-    M = naive.GROUPED_SELECT_RATIO * k * 2
     for s in (torch.randn(3, 5, M), torch.randint(-4, 5, (3, 5, M)).float()):  # random, then heavy ties
         s[0, 0, 7] = float("-inf")
         v, i = _select_topk(s, k)
@@ -61,7 +61,7 @@ def test_two_stage_selection_is_exact(k):
 
 
 def test_two_stage_selection_runs_inside_knn_search(monkeypatch):
-    k, M = 2, naive.GROUPED_SELECT_RATIO * 2 * 4
+    k, M = 2, 8 * 2 * naive.GROUPED_SELECT_MIN_GROUP ** 2
     q, keys = torch.randn(1, 2, 3, 8), torch.randn(1, 1, M, 8)
     called = []
     amax = torch.Tensor.amax
