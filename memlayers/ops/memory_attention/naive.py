@@ -34,13 +34,18 @@ def _rows(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``buf [B, Hkv, C, E]``, ``slots [B, Hkv, n]`` -> ``[B, Hkv, n, E]``: the rows each kv-head reads.
 
     Query head ``h = hk * G + g`` reads kv-head ``hk``, so a query's (G, T, k) reads are one axis per
-    kv-head and no head is duplicated. A contiguous buffer is read with one row copy per read; any
-    other layout (the dim-major keys of ``KNNMemory`` on CPU) element by element.
+    kv-head and no head is duplicated. A contiguous buffer is read with one row copy per read; dim-major
+    keys (``KNNMemory`` on CPU) along their contiguous slot axis, one element per read and dimension
+    (decode at 16K slots, 288 reads per layer: 40 -> 29 ms over 30 layers against a gather over the
+    strided view, 1 thread, load ~2.5); any other layout element by element.
     """
     B, Hkv, C, E = buf.shape
     if buf.is_contiguous():
         base = torch.arange(B * Hkv, device=slots.device).view(B, Hkv, 1) * C
         return buf.reshape(-1, E).index_select(0, (slots + base).reshape(-1)).view(B, Hkv, -1, E)
+    if buf.stride(-2) == 1:
+        dim_major = buf.transpose(-1, -2)  # [B, Hkv, E, C]
+        return dim_major.gather(3, slots[:, :, None, :].expand(-1, -1, E, -1)).transpose(-1, -2).contiguous()
     return buf.gather(2, slots[..., None].expand(-1, -1, -1, E))
 
 
