@@ -186,8 +186,21 @@ def _row_memories(model):
 def _row(state: dict, b: int) -> dict:
     """Row ``b`` (a batch of one) of a per-row memory's state dict: its own buffers, which lead with
     the batch (names without a dot; not a ``KNNMemory``'s FAISS blobs, rebuilt from the keys on load,
-    nor ``shard``, nor the parameters of submodules)."""
-    return {k: v[b:b + 1].clone() for k, v in state.items() if "." not in k and k != "shard"}
+    nor ``shard``, nor the parameters of submodules), and its 0-d entries (a ``KNNMemory``'s
+    ``capacity``) as they are."""
+    return {k: v.clone() if v.dim() == 0 else v[b:b + 1].clone()
+            for k, v in state.items() if "." not in k and k != "shard"}
+
+
+def _cat_rows(memory, rows: list) -> dict:
+    """The state of a batch made of ``rows`` (``_row`` states, in order). A ``KNNMemory`` row holds
+    its filled slots only, which differ between rows: ``cat_rows`` pads them to the longest."""
+    from ..memory import KNNMemory
+    from ..memory.state import cat_rows
+
+    if isinstance(memory, KNNMemory):
+        return cat_rows(rows)
+    return {k: rows[0][k] if rows[0][k].dim() == 0 else torch.cat([r[k] for r in rows]) for k in rows[0]}
 
 
 def _memorize_rows(model, pos, input_ids, mask, chunk_size, progress) -> None:
@@ -213,7 +226,7 @@ def _memorize_rows(model, pos, input_ids, mask, chunk_size, progress) -> None:
                 rows.append(_row(m.state_dict(), 0))
             if pos is not None:
                 offsets.append(pos.offset.clone())
-        merged = [{k: torch.cat([r[k] for r in rows]) for k in rows[0]} for rows in done]
+        merged = [_cat_rows(m, rows) for m, rows in zip(memories, done)]
     except BaseException:
         for m, state in zip(memories, saved):
             m.load_state_dict(state)

@@ -41,6 +41,16 @@ class Stripe:
         """Global slot ids of local slots (``-1`` stays ``-1``)."""
         return torch.where(local >= 0, local * self.world + self.rank, local)
 
+    def _candidates(self, T: int) -> int:
+        """J, the local slots ``writes`` names for an add of T tokens."""
+        return min(T // self.world + 2, self.slots)
+
+    def write_reach(self, filled: int, T: int) -> int:
+        """Local slots 0..n-1 that cover every slot an add of T tokens reads or writes here while
+        global slots 0..filled-1 are the filled ones: ``writes``'s J candidates start at a row's
+        ``local_filled(count)`` (or wrap once the ring is full, which needs every slot anyway)."""
+        return min(self.local_filled(filled) + self._candidates(T), self.local_capacity)
+
     def writes(self, write_ptr: torch.Tensor, T: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where an add of T tokens (T <= capacity) at ``write_ptr`` ([B]) lands on this rank.
 
@@ -49,7 +59,7 @@ class Stripe:
         local slots are distinct, so a scatter of ``where(written, new, old)`` is well defined.
         """
         W, r, C = self.world, self.rank, self.capacity
-        J = min(T // W + 2, self.slots)
+        J = self._candidates(T)
         first = write_ptr + (r - write_ptr) % W  # my first global slot at or after write_ptr
         first_local = torch.where(first < C, first // W, torch.zeros_like(first))
         local = (first_local[:, None] + torch.arange(J, device=write_ptr.device)) % self.slots
@@ -57,34 +67,34 @@ class Stripe:
         return local, token.clamp(max=T - 1), token < T
 
     def take(self, global_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """This rank's state from an unsharded one (buffers of ``capacity`` slots)."""
-        slots = torch.arange(self.local_capacity) * self.world + self.rank
-        real = slots < self.capacity
+        """This rank's state from an unsharded one (buffers of S <= ``capacity`` slots, every entry in
+        them): the global slots r, r + W, ... below S."""
         out = {name: global_state[name] for name in ("count", "write_ptr", "next_position")}
-        idx = slots.clamp(max=self.capacity - 1)
-        for name, axis, empty in (("keys", 2, 0), ("values", 2, 0), ("positions", 1, -1)):
-            t = global_state[name].index_select(axis, idx.to(global_state[name].device))
-            shape = [1] * t.dim()
-            shape[axis] = -1
-            out[name] = t.masked_fill(~real.view(shape).to(t.device), empty)
+        slots = torch.arange(self.rank, global_state["keys"].shape[2], self.world)
+        for name, axis in (("keys", 2), ("values", 2), ("positions", 1)):
+            out[name] = global_state[name].index_select(axis, slots.to(global_state[name].device))
         return out
 
 
 def assemble(shards: list) -> Dict[str, torch.Tensor]:
-    """The unsharded state of ``[(stripe, state), ...]``, one per rank of the group that saved them."""
+    """The unsharded state of ``[(stripe, state), ...]``, one per rank of the group that saved them
+    (checked: each holds its slots of the filled prefix): global slots 0..S-1, S the largest count."""
     first_stripe, first = shards[0]
     W, C = first_stripe.world, first_stripe.capacity
     B, H, _, D = first["keys"].shape
     Dv = first["values"].shape[-1]
+    S = int(first["count"].max())  # count is global: the same in every shard
     out = {name: first[name].clone() for name in ("count", "write_ptr", "next_position")}
-    out["keys"] = torch.zeros(B, H, C, D, dtype=first["keys"].dtype)
-    out["values"] = torch.zeros(B, H, C, Dv, dtype=first["values"].dtype)
-    out["positions"] = torch.full((B, C), -1, dtype=torch.long)
+    out["capacity"] = torch.tensor(C)
+    out["keys"] = torch.zeros(B, H, S, D, dtype=first["keys"].dtype)
+    out["values"] = torch.zeros(B, H, S, Dv, dtype=first["values"].dtype)
+    out["positions"] = torch.full((B, S), -1, dtype=torch.long)
     for stripe, state in shards:
-        slots = torch.arange(stripe.slots) * W + stripe.rank
-        out["keys"][:, :, slots] = state["keys"][:, :, : stripe.slots].cpu()
-        out["values"][:, :, slots] = state["values"][:, :, : stripe.slots].cpu()
-        out["positions"][:, slots] = state["positions"][:, : stripe.slots].cpu()
+        slots = torch.arange(stripe.rank, S, W)
+        n = slots.numel()
+        out["keys"][:, :, slots] = state["keys"][:, :, :n].cpu()
+        out["values"][:, :, slots] = state["values"][:, :, :n].cpu()
+        out["positions"][:, slots] = state["positions"][:, :n].cpu()
     return out
 
 

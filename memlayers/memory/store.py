@@ -14,6 +14,21 @@ follows what is stored, not the capacity. While every row holds ``filled`` entri
 with several until a partial reset or a load of unequal rows; a host-side flag), the search masks no
 slot of that prefix.
 
+Storage grows with what is stored: the buffers hold ``allocated_slots`` slots (``C`` above), 64 at
+first (or the capacity, if smaller), and an add that needs more replaces them by buffers of the next
+power of two that holds ``filled`` entries, at most the capacity (each token is copied O(1) times
+over the memory's life; a 65,536-slot memory is never allocated, nor zeroed, for a short text).
+The ring wraps at ``capacity`` as before: slots past ``filled`` are written only once ``filled``
+reaches them, so a growing memory is always a filled prefix and growth copies slots 0..filled-1.
+A reset of every row gives the first 64 slots back; a partial reset keeps the allocation. The
+buffers are registered buffers that growth *replaces*: read ``mem.keys`` where it is used, never
+keep a reference to it across an ``add``.
+
+``state_dict()`` holds slots 0..filled-1 only (views of the live buffers), plus ``capacity`` (a 0-d
+int64 tensor; a shard's capacity travels in its ``shard`` entry instead), so a saved memory costs
+what it stores and equal memories save equal bytes. States saved before (every slot, no ``capacity``
+entry: the capacity is their slot count) load as they did.
+
 Every public method checks all of its arguments before it touches any buffer (the data checks of
 ``add`` unless ``validate=False``), so a failed call leaves the memory exactly as it was.
 """
@@ -36,7 +51,7 @@ from .names import FAISS_INDEXES, store_names, upgrade_config
 from .protocol import MemoryModule, row_mask
 from .result import KNNSearchResult
 from .sharding import Stripe, assemble, fetch_winners, merge_topk
-from .state import STATE_NAMES, check_state
+from .state import STATE_NAMES, check_state, fit_slots
 
 
 def _locked(method):
@@ -61,6 +76,19 @@ def _key_layout(keys: torch.Tensor) -> torch.Tensor:
     if keys.device.type == "cpu":
         return keys if keys.stride(-2) == 1 else keys.transpose(-1, -2).contiguous().transpose(-1, -2)
     return keys.contiguous()
+
+
+# Slots a row starts with (or the capacity, if smaller); growth doubles from there.
+FIRST_SLOTS = 64
+
+
+def slots_for(needed: int, capacity: int) -> int:
+    """Slots to allocate for ``needed`` entries: the first ``FIRST_SLOTS * 2**i`` that holds them, at
+    most ``capacity`` (a function of ``needed`` alone: memories of equal contents allocate alike)."""
+    slots = FIRST_SLOTS
+    while slots < needed:
+        slots *= 2
+    return min(slots, capacity)
 
 
 def _empty_keys(B: int, H: int, C: int, D: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -121,11 +149,14 @@ class KNNMemory(nn.Module, MemoryModule):
     ``bind_batch``, ``save``, ``state_dict`` and ``load_state_dict`` each hold the memory's lock
     (a ``threading.RLock``) for their whole duration, so each sees the others' effects entirely or not
     at all, and FAISS indexes (not thread-safe for writes) are never used by two threads at once.
-    Results are fresh tensors. ``state_dict()`` returns the live buffers, as every module does:
-    a thread that keeps adding changes them; ``save`` writes a copy taken under the lock.
+    Results are fresh tensors. ``state_dict()`` returns views of the live buffers' filled slots, as
+    every module returns its buffers: a thread that keeps adding changes them (or, once they grow,
+    no longer); ``save`` writes a copy taken under the lock.
 
     The ``keys`` buffer is ``[B, H, C, D]`` everywhere, but on CPU it is a view of a dim-major
     ``[B, H, D, C]`` buffer (fast exact decode search), so use ``reshape`` rather than ``view`` on it.
+    ``C`` is ``allocated_slots``, which grows with what is stored up to the capacity (see the module
+    docstring): the buffers are replaced when it does, so read them afresh after an ``add``.
 
     Example:
         >>> import torch, memlayers as ml
@@ -180,9 +211,11 @@ class KNNMemory(nn.Module, MemoryModule):
         self._lock = threading.RLock()
         self._allocate(batch_size, capacity, device, dtype)
 
-    def _allocate(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
-        """(Re)build empty buffers (and FAISS indexes) for ``batch_size`` rows of ``capacity`` slots."""
-        B, H = batch_size, self.heads
+    def _allocate(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype,
+                  slots: Optional[int] = None) -> None:
+        """(Re)build empty buffers (and FAISS indexes) for ``batch_size`` rows of ``capacity`` slots, of
+        which ``slots`` are allocated (default: the first ``slots_for(0, ...)``)."""
+        B = batch_size
         stripe = None
         if self.process_group is not None:  # checks the capacity against the group's size
             import torch.distributed as dist
@@ -193,17 +226,47 @@ class KNNMemory(nn.Module, MemoryModule):
         if self.index in FAISS_INDEXES:  # built first: bad index_options fail before anything changes
             from .faiss_index import FaissIndexSet
 
-            index_set = FaissIndexSet(B, H, self.dim, C, self.metric, self.index, self.index_options, device)
+            index_set = FaissIndexSet(B, self.heads, self.dim, C, self.metric, self.index, self.index_options, device)
         self.batch_size, self.capacity, self._stripe = batch_size, capacity, stripe
-        self.register_buffer("keys", _empty_keys(B, H, C, self.dim, device, dtype))
-        self.register_buffer("values", torch.zeros(B, H, C, self.value_dim, device=device, dtype=dtype))
-        self.register_buffer("positions", torch.full((B, C), -1, device=device, dtype=torch.long))
+        keys, values, positions = self._empty_slots(B, slots_for(0, C) if slots is None else slots, device, dtype)
+        self.register_buffer("keys", keys)
+        self.register_buffer("values", values)
+        self.register_buffer("positions", positions)
         self.register_buffer("count", torch.zeros(B, device=device, dtype=torch.long))
         self.register_buffer("write_ptr", torch.zeros(B, device=device, dtype=torch.long))
         self.register_buffer("next_position", torch.zeros(B, device=device, dtype=torch.long))
         self._index = index_set
         self._filled = 0
         self._rows_equal = True  # every row holds `_filled` entries: no slot of the prefix is masked
+
+    def _empty_slots(self, B: int, slots: int, device: torch.device, dtype: torch.dtype):
+        """Empty ``(keys, values, positions)`` buffers of ``slots`` slots per row."""
+        return (_empty_keys(B, self.heads, slots, self.dim, device, dtype),
+                torch.zeros(B, self.heads, slots, self.value_dim, device=device, dtype=dtype),
+                torch.full((B, slots), -1, device=device, dtype=torch.long))
+
+    def _local_capacity(self) -> int:
+        """The slots this memory's buffers may grow to (a shard's share of the capacity)."""
+        return self.capacity if self._stripe is None else self._stripe.local_capacity
+
+    def _local_filled(self) -> int:
+        """Local slots 0..n-1 hold every valid entry here (``filled``, or a shard's share of it)."""
+        return self._filled if self._stripe is None else self._stripe.local_filled(self._filled)
+
+    def _grow(self, needed: int):
+        """Room for ``needed`` local slots: the slot buffers replaced by larger ones holding the filled
+        prefix. Returns the buffers replaced (untouched, to put back if the add fails), or None."""
+        have = self.keys.shape[2]
+        if needed <= have:
+            return None
+        old = (self.keys, self.values, self.positions)
+        new = self._empty_slots(self.batch_size, slots_for(needed, self._local_capacity()), self.device, self.dtype)
+        n = self._local_filled()
+        new[0][:, :, :n] = old[0][:, :, :n]
+        new[1][:, :, :n] = old[1][:, :, :n]
+        new[2][:, :n] = old[2][:, :n]
+        self.keys, self.values, self.positions = new
+        return old
 
     # A lock cannot be copied or pickled: a copy of the memory gets a lock of its own.
     def __getstate__(self):
@@ -250,8 +313,16 @@ class KNNMemory(nn.Module, MemoryModule):
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
+    @property
+    def allocated_slots(self) -> int:
+        """Slots per row and kv-head the buffers hold now: grows with ``filled`` up to the capacity
+        (a shard's share of it), see "Storage grows" in the module docstring."""
+        return self.keys.shape[2]
+
     def nbytes(self) -> int:
-        """Bytes held by the buffers (plus FAISS indexes, when present)."""
+        """Bytes the memory holds now: its buffers as allocated (``allocated_slots``, which follows what
+        is stored, not the capacity) plus FAISS indexes, when present. What the memory costs, not
+        what it could grow to."""
         total = sum(b.numel() * b.element_size() for b in self.buffers())
         if self._index is not None:
             total += self._index.nbytes()
@@ -315,6 +386,7 @@ class KNNMemory(nn.Module, MemoryModule):
             T = C
 
         if self._stripe is not None:
+            self._grow(self._stripe.write_reach(self._filled, T))
             self._write_stripe(keys, values, positions, T)
             self.count.copy_(torch.clamp(self.count + T, max=C))
             self.write_ptr.copy_((self.write_ptr + T) % C)
@@ -322,13 +394,16 @@ class KNNMemory(nn.Module, MemoryModule):
             self._filled = min(self._filled + T, C)
             return
 
+        # Every row writes slots below min(filled + T, C): a ring that is not full writes from its count.
+        replaced = self._grow(min(self._filled + T, C))
         slots = (self.write_ptr[:, None] + torch.arange(T, device=self.device)) % C  # [B, T], distinct per row
         key_idx = slots[:, None, :, None].expand(B, H, T, D)
         value_idx = slots[:, None, :, None].expand(B, H, T, Dv)
         # Slots that already held a valid entry are overwritten: an index must forget them.
         was_valid = slots < self.count[:, None]
         if self._index is not None:  # what the write replaces, to undo it if the index fails
-            undo = (self.keys.gather(2, key_idx), self.values.gather(2, value_idx), self.positions.gather(1, slots),
+            undo = (None if replaced is not None else
+                    (self.keys.gather(2, key_idx), self.values.gather(2, value_idx), self.positions.gather(1, slots)),
                     self.count.clone(), self.write_ptr.clone(), self.next_position.clone())
         self.keys.scatter_(2, key_idx, keys)
         self.values.scatter_(2, value_idx, values)
@@ -344,10 +419,13 @@ class KNNMemory(nn.Module, MemoryModule):
         except BaseException:
             # Never half-written: the buffers go back to what they were, and the indexes (possibly
             # changed in part) are rebuilt from them before the next search.
-            old_keys, old_values, old_positions, count, write_ptr, next_pos = undo
-            self.keys.scatter_(2, key_idx, old_keys)
-            self.values.scatter_(2, value_idx, old_values)
-            self.positions.scatter_(1, slots, old_positions)
+            written, count, write_ptr, next_pos = undo
+            if replaced is not None:  # the buffers before the growth were left untouched
+                self.keys, self.values, self.positions = replaced
+            else:
+                self.keys.scatter_(2, key_idx, written[0])
+                self.values.scatter_(2, value_idx, written[1])
+                self.positions.scatter_(1, slots, written[2])
             self.count.copy_(count)
             self.write_ptr.copy_(write_ptr)
             self.next_position.copy_(next_pos)
@@ -378,9 +456,6 @@ class KNNMemory(nn.Module, MemoryModule):
                 mask (tensor or list of bools); read by ``memlayers.memory.protocol.row_mask``.
         """
         mask = row_mask(rows, self.batch_size, self.device)
-        self.keys[mask] = 0
-        self.values[mask] = 0
-        self.positions[mask] = -1
         self.count[mask] = 0
         self.write_ptr[mask] = 0
         self.next_position[mask] = 0
@@ -389,6 +464,13 @@ class KNNMemory(nn.Module, MemoryModule):
             self._filled, self._rows_equal = 0, True
         else:
             self._track_counts()
+        if self._filled == 0:  # nothing held: the first slots only, fresh (the storage is given back)
+            slots = slots_for(0, self._local_capacity())
+            self.keys, self.values, self.positions = self._empty_slots(self.batch_size, slots, self.device, self.dtype)
+        else:
+            self.keys[mask] = 0
+            self.values[mask] = 0
+            self.positions[mask] = -1
         if self._index is not None:
             self._index.reset_rows(mask.nonzero().flatten().tolist())
 
@@ -494,6 +576,12 @@ class KNNMemory(nn.Module, MemoryModule):
     @_locked
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        n = self._local_filled()  # the slots past it hold nothing (see the module docstring)
+        destination[prefix + "keys"] = destination[prefix + "keys"][:, :, :n]
+        destination[prefix + "values"] = destination[prefix + "values"][:, :, :n]
+        destination[prefix + "positions"] = destination[prefix + "positions"][:, :n]
+        if self._stripe is None:
+            destination[prefix + "capacity"] = torch.tensor(self.capacity)
         if self._index is not None:
             for key, blob in self._index.serialize().items():
                 destination[f"{prefix}faiss.{key}"] = blob
@@ -506,14 +594,15 @@ class KNNMemory(nn.Module, MemoryModule):
         # Everything is checked before anything changes: on a problem the memory is left as it was.
         tag = f"{prefix}faiss."
         blobs = {k[len(tag):]: v for k, v in state_dict.items() if k.startswith(tag)}
-        rest = {k: v for k, v in state_dict.items() if not k.startswith(tag) and k != prefix + "shard"}
-        shard = state_dict.get(prefix + "shard")
+        tags = (prefix + "shard", prefix + "capacity")
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(tag) and k not in tags}
+        shard, capacity = (state_dict.get(k) for k in tags)
         state = {name: rest[prefix + name] for name in STATE_NAMES if prefix + name in rest}
         if not state:  # nothing of this memory in the state dict: the base class reports missing keys
             super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
             return
         try:
-            B, C, state = self._check_loaded(state, shard)
+            B, C, state = self._check_loaded(state, shard, capacity)
             check_index_options(self.index, self.index_options, C)  # e.g. an IVF train_size above C
             parsed = None
             if self._index is not None and blobs:
@@ -524,8 +613,17 @@ class KNNMemory(nn.Module, MemoryModule):
         except ValueError as e:
             error_msgs.append(f"KNNMemory {prefix.rstrip('.') or '(root)'}: {e}")
             return
+        # The slots the loaded entries need, allocated as growth would have (the state may hold more,
+        # all empty: a state saved before holds every slot of the capacity).
+        stripe = None if self._stripe is None else Stripe(self._stripe.rank, self._stripe.world, C)
+        held = int(state["count"].max())
+        needed = held if stripe is None else stripe.local_filled(held)
+        slots = slots_for(needed, C if stripe is None else stripe.local_capacity)
+        state = fit_slots(state, slots)
         if (B, C) != (self.batch_size, self.capacity):
-            self._allocate(B, C, self.device, self.dtype)
+            self._allocate(B, C, self.device, self.dtype, slots)
+        elif slots != self.allocated_slots:
+            self.keys, self.values, self.positions = self._empty_slots(B, slots, self.device, self.dtype)
         rest.update({prefix + name: t for name, t in state.items()})
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self.keys = _key_layout(self.keys)  # load_state_dict(assign=True) takes the given tensor's strides
@@ -538,25 +636,26 @@ class KNNMemory(nn.Module, MemoryModule):
             else:
                 self._index.rebuild(self.keys, self.count)
 
-    def _check_loaded(self, state: dict, shard: Optional[torch.Tensor]):
+    def _check_loaded(self, state: dict, shard: Optional[torch.Tensor], capacity: Optional[torch.Tensor]):
         """``(batch_size, capacity, state for this memory's buffers)``, or a ``ValueError``.
 
         A sharded memory takes its own shard (same rank, group size and capacity), or its stripe of an
-        unsharded state; an unsharded memory takes unsharded states only."""
+        unsharded state; an unsharded memory takes unsharded states only. ``capacity``: the state's
+        ``capacity`` entry (None in states saved before it: their slot count is the capacity)."""
         if shard is None:
-            B, C = check_state(state, self.heads, self.dim, self.value_dim)
+            B, C = check_state(state, self.heads, self.dim, self.value_dim, capacity=capacity)
             if self._stripe is not None:
                 state = Stripe(self._stripe.rank, self._stripe.world, C).take(state)
             return B, C, state
         if not isinstance(shard, torch.Tensor) or tuple(shard.shape) != (3,):
             raise ValueError(f"shard must be a tensor [rank, world size, capacity], got {shard!r}")
-        rank, world, capacity = (int(v) for v in shard.tolist())
+        rank, world, shared = (int(v) for v in shard.tolist())
         mine = self._stripe
         if mine is None or (rank, world) != (mine.rank, mine.world):
             where = "an unsharded memory" if mine is None else f"rank {mine.rank} of {mine.world}"
             raise ValueError(f"the state is rank {rank}'s shard of a memory sharded over {world} ranks, and cannot "
                              f"load into {where} alone: load every shard's file with KNNMemory.load_shards")
-        B, C = check_state(state, self.heads, self.dim, self.value_dim, Stripe(rank, world, capacity))
+        B, C = check_state(state, self.heads, self.dim, self.value_dim, Stripe(rank, world, shared), capacity)
         return B, C, state
 
     @classmethod

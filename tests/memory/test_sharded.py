@@ -8,6 +8,7 @@ import memlayers as ml
 from memlayers.memory.sharding import Stripe, fetch_winners
 
 WORLD, B, H, HQ, D, DV, C, K = 2, 3, 2, 4, 16, 8, 37, 6  # odd capacity: ranks hold 19 and 18 slots
+BIG = 301  # a capacity whose shards grow: 151 and 150 slots per rank, 64 allocated at first
 STEPS = [5, 1, 13, 60, 3, 1, 7, 9]  # 60 > C: an add longer than the ring
 
 
@@ -64,6 +65,25 @@ def _worker(rank, init_file, out_dir):
         _assert_same_result(resharded.search(q, K), ref.search(q, K))
         with pytest.raises(RuntimeError, match="load_shards"):  # another rank's shard
             resharded.load_state_dict({**sharded.state_dict(), "shard": torch.tensor([1 - rank, WORLD, C])})
+        # A larger capacity: each rank's buffers grow as the ring fills; shards saved half full load back.
+        big = ml.KNNMemory(B, H, D, DV, capacity=BIG, backend="torch", process_group=group)
+        big_ref = ml.KNNMemory(B, H, D, DV, capacity=BIG, backend="torch")
+        assert big.allocated_slots == 64
+        for T in (50, 90, 40):
+            keys, values = torch.randn(B, H, T, D), torch.randn(B, H, T, DV)
+            big.add(keys, values)
+            big_ref.add(keys, values)
+            _assert_same_result(big.search(q, K), big_ref.search(q, K))
+        assert 64 < big.allocated_slots < -(-BIG // WORLD)
+        big.save(out_dir / f"big{rank}.safetensors")
+        if rank == 0:
+            big_ref.save(out_dir / "big_ref.safetensors")
+        dist.barrier()
+        big = ml.KNNMemory.load_shards([out_dir / f"big{r}.safetensors" for r in range(WORLD)], process_group=group)
+        keys, values = torch.randn(B, H, 200, D), torch.randn(B, H, 200, DV)  # wraps
+        big.add(keys, values)
+        big_ref.add(keys, values)
+        _assert_same_result(big.search(q, K), big_ref.search(q, K))
     finally:
         dist.destroy_process_group()
 
@@ -74,6 +94,11 @@ def test_sharded_memory_equals_one_unsharded_memory(tmp_path):
     ref = ml.KNNMemory.load(tmp_path / "ref.safetensors")
     merged = ml.KNNMemory.load_shards([tmp_path / "shard0.safetensors", tmp_path / "shard1.safetensors"])
     for (name, a), (_, b) in zip(ref.named_buffers(), merged.named_buffers()):
+        assert torch.equal(a, b), name
+    ref = ml.KNNMemory.load(tmp_path / "big_ref.safetensors")  # half full: shards of filled slots
+    merged = ml.KNNMemory.load_shards([tmp_path / "big0.safetensors", tmp_path / "big1.safetensors"])
+    assert ref.filled == 180 and merged.allocated_slots == ref.allocated_slots == 256
+    for (name, a), (_, b) in zip(ref.state_dict().items(), merged.state_dict().items()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="load_shards"):
         ml.KNNMemory.load(tmp_path / "shard0.safetensors")
