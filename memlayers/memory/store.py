@@ -12,7 +12,8 @@ A host-side int, ``filled`` (the largest count over rows, kept by add/reset/load
 device), bounds the slots that can be valid: the exact search scans slots 0..filled-1 only, so its cost
 follows what is stored, not the capacity. While every row holds ``filled`` entries (always with one row;
 with several until a partial reset or a load of unequal rows; a host-side flag), the search masks no
-slot of that prefix.
+slot of that prefix. While the rows share their write pointer (the same cases; kept on the host too),
+an add writes them with slice copies, not a scatter, and sets the counters without device arithmetic.
 
 Storage grows with what is stored: the buffers hold ``allocated_slots`` slots (``C`` above), 64 at
 first (or the capacity, if smaller), and an add that needs more replaces them by buffers of the next
@@ -131,9 +132,9 @@ class KNNMemory(nn.Module, MemoryModule):
             global slot ids, which do not index the local buffers. Save each rank's shard to its own
             file; ``KNNMemory.load_shards`` loads them onto any number of ranks.
         validate: ``add`` checks that keys and values are finite and explicit positions non-negative
-            (default True: a NaN key would win every later search). These are the store's only reads
-            of tensor data on the add path (on a GPU each waits for the device); a caller whose inputs
-            are finite by construction may turn them off. ``search`` reads no tensor data with
+            (default True: a NaN key would win every later search). These are the store's only read
+            of tensor data on the add path, one per add (on a GPU it waits for the device); a caller
+            whose inputs are finite by construction may turn them off. ``search`` reads no tensor data with
             ``index="exact"`` whatever ``validate`` says (a non-finite query changes nothing stored;
             with the torch backend it finds nothing); FAISS indexes search on the host.
         search_backend: deprecated spelling of ``backend``; ``backend="exact"|"faiss"`` is the
@@ -238,6 +239,7 @@ class KNNMemory(nn.Module, MemoryModule):
         self._index = index_set
         self._filled = 0
         self._rows_equal = True  # every row holds `_filled` entries: no slot of the prefix is masked
+        self._ptr = 0  # every row's write pointer, while they share one (None: they differ)
 
     def _empty_slots(self, B: int, slots: int, device: torch.device, dtype: torch.dtype):
         """Empty ``(keys, values, positions)`` buffers of ``slots`` slots per row."""
@@ -347,9 +349,23 @@ class KNNMemory(nn.Module, MemoryModule):
             raise ValueError(f"positions must have shape ({T},) or ({self.batch_size}, {T}), got {tuple(positions.shape)}")
         if not same_device(positions.device, self.device):
             raise ValueError(f"positions must be on the memory's device {self.device}, got {positions.device}")
-        if self.validate and T and bool((positions < 0).any()):
-            raise ValueError("positions must be non-negative")
         return positions.long()
+
+    @staticmethod
+    def _check_data(keys: torch.Tensor, values: torch.Tensor, positions: Optional[torch.Tensor]) -> None:
+        """``validate``'s checks in one device read: explicit positions non-negative, keys and values
+        finite. A finite sum proves every element finite (a NaN or an infinity makes the sum NaN or
+        infinite), so the elementwise check runs only when the sum is not (a bad input, or finite
+        values whose sum overflows): 7 us against 145 us per 512 x 3 x 64 fp32 tensor, 1 thread."""
+        flags = [torch.isfinite(keys.sum(dtype=torch.float32) + values.sum(dtype=torch.float32))]
+        if positions is not None and positions.numel():
+            flags.append(positions.min() >= 0)
+        finite, *non_negative = torch.stack(flags).tolist()
+        if non_negative and not non_negative[0]:
+            raise ValueError("positions must be non-negative")
+        if not finite:
+            check_finite("keys", keys)
+            check_finite("values", values)
 
     # ------------------------------------------------------------------ writing
     @_locked
@@ -372,8 +388,7 @@ class KNNMemory(nn.Module, MemoryModule):
         if positions is not None:
             positions = self._check_positions(positions, T)
         if self.validate:  # reads the device: the switch's one cost (see the class docstring)
-            check_finite("keys", keys)
-            check_finite("values", values)
+            self._check_data(keys, values, positions)
         if T == 0:
             return
 
@@ -388,14 +403,15 @@ class KNNMemory(nn.Module, MemoryModule):
         if self._stripe is not None:
             self._grow(self._stripe.write_reach(self._filled, T))
             self._write_stripe(keys, values, positions, T)
-            self.count.copy_(torch.clamp(self.count + T, max=C))
-            self.write_ptr.copy_((self.write_ptr + T) % C)
-            self.next_position.copy_(next_position)
-            self._filled = min(self._filled + T, C)
+            self._advance(T, next_position)
             return
 
         # Every row writes slots below min(filled + T, C): a ring that is not full writes from its count.
         replaced = self._grow(min(self._filled + T, C))
+        if self._index is None and self._ptr is not None:
+            self._write_run(keys, values, positions, self._ptr, T)
+            self._advance(T, next_position)
+            return
         slots = (self.write_ptr[:, None] + torch.arange(T, device=self.device)) % C  # [B, T], distinct per row
         key_idx = slots[:, None, :, None].expand(B, H, T, D)
         value_idx = slots[:, None, :, None].expand(B, H, T, Dv)
@@ -408,10 +424,8 @@ class KNNMemory(nn.Module, MemoryModule):
         self.keys.scatter_(2, key_idx, keys)
         self.values.scatter_(2, value_idx, values)
         self.positions.scatter_(1, slots, positions)
-        self.count.copy_(torch.clamp(self.count + T, max=C))
-        self.write_ptr.copy_((self.write_ptr + T) % C)
-        self.next_position.copy_(next_position)
-        filled, self._filled = self._filled, min(self._filled + T, C)  # every row received T tokens
+        filled, ptr = self._filled, self._ptr
+        self._advance(T, next_position)
         if self._index is None:
             return
         try:
@@ -429,9 +443,34 @@ class KNNMemory(nn.Module, MemoryModule):
             self.count.copy_(count)
             self.write_ptr.copy_(write_ptr)
             self.next_position.copy_(next_pos)
-            self._filled = filled
+            self._filled, self._ptr = filled, ptr
             self._index.invalidate()
             raise
+
+    def _write_run(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ptr: int, T: int) -> None:
+        """Write the T tokens to slots ``ptr, ptr + 1, ...`` (mod the capacity) of every row, rows that
+        share their write pointer: one or two slice copies (a scatter into the dim-major keys costs
+        18x a slice copy: 1.17 against 0.064 ms for 512 tokens x 3 heads x 64, 1 thread)."""
+        first = min(T, self.capacity - ptr)
+        for dst, src, n in ((ptr, 0, first), (0, first, T - first)):
+            if n:
+                self.keys[:, :, dst:dst + n].copy_(keys[:, :, src:src + n])
+                self.values[:, :, dst:dst + n].copy_(values[:, :, src:src + n])
+                self.positions[:, dst:dst + n].copy_(positions[:, src:src + n])
+
+    def _advance(self, T: int, next_position: torch.Tensor) -> None:
+        """The ring's counters after every row received T tokens (host-side ones included)."""
+        C = self.capacity
+        if self._rows_equal and self._ptr is not None:  # known on the host: no arithmetic on the device
+            self.count.fill_(min(self._filled + T, C))
+            self.write_ptr.fill_((self._ptr + T) % C)
+        else:
+            self.count.copy_(torch.clamp(self.count + T, max=C))
+            self.write_ptr.copy_((self.write_ptr + T) % C)
+        self.next_position.copy_(next_position)
+        self._filled = min(self._filled + T, C)
+        if self._ptr is not None:
+            self._ptr = (self._ptr + T) % C
 
     def _write_stripe(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, T: int) -> None:
         """The part of an add that lands in this rank's slots (sharded memories)."""
@@ -461,7 +500,7 @@ class KNNMemory(nn.Module, MemoryModule):
         self.next_position[mask] = 0
         # One device read per partial reset (not per search): the rows left decide the filled prefix.
         if rows is None:
-            self._filled, self._rows_equal = 0, True
+            self._filled, self._rows_equal, self._ptr = 0, True, 0
         else:
             self._track_counts()
         if self._filled == 0:  # nothing held: the first slots only, fresh (the storage is given back)
@@ -475,10 +514,11 @@ class KNNMemory(nn.Module, MemoryModule):
             self._index.reset_rows(mask.nonzero().flatten().tolist())
 
     def _track_counts(self) -> None:
-        """``filled`` and whether every row holds that many, from ``count`` (one device read: after a
-        partial reset or a load, never per search)."""
-        lo, hi = torch.stack(torch.aminmax(self.count)).tolist()
-        self._filled, self._rows_equal = hi, lo == hi
+        """``filled``, whether every row holds that many, and whether the rows share their write
+        pointer, from ``count`` and ``write_ptr`` (one device read: after a partial reset or a load,
+        never per search or add)."""
+        lo, hi, first, last = torch.stack([*torch.aminmax(self.count), *torch.aminmax(self.write_ptr)]).tolist()
+        self._filled, self._rows_equal, self._ptr = hi, lo == hi, (first if first == last else None)
 
     def reset_memory(self, rows=None) -> None:
         """The memory-state protocol's name for ``reset``."""

@@ -115,16 +115,27 @@ def test_validate_is_the_only_read_on_add(stream, host_reads):
     mem = ml.KNNMemory(2, 2, 16, capacity=64, backend="torch")
     host_reads.clear()
     mem.add(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16))
-    assert host_reads == ["__bool__", "__bool__"]  # keys and values finite
+    assert host_reads == ["tolist"]  # keys and values finite: one read
+    mem.add(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16), torch.arange(3, 6))
+    assert host_reads == ["tolist"] * 2  # and explicit positions non-negative: one read still
     mem.search(torch.randn(2, 4, 1, 16), k=8)
-    assert host_reads == ["__bool__", "__bool__"]
+    assert host_reads == ["tolist"] * 2
 
 
 def test_validate_switch(stream):
     checked = ml.KNNMemory(1, 1, 4, capacity=8)
     with pytest.raises(ValueError, match="keys"):
         checked.add(torch.full((1, 1, 2, 4), float("nan")), torch.zeros(1, 1, 2, 4))
+    with pytest.raises(ValueError, match="values"):
+        checked.add(torch.zeros(1, 1, 2, 4), torch.tensor([1.0, float("inf")]).expand(1, 1, 4, 2).mT)
+    with pytest.raises(ValueError, match="positions"):
+        checked.add(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), torch.tensor([3, -1]))
     assert checked.count.tolist() == [0]
+    # Finite values whose sum overflows: the elementwise check clears them.
+    checked.add(torch.full((1, 1, 2, 4), 3e38), torch.full((1, 1, 2, 4), -3e38))
+    half = ml.KNNMemory(1, 1, 4, capacity=8, dtype=torch.float16)
+    half.add(torch.full((1, 1, 2, 4), 60000.0, dtype=torch.float16), torch.zeros(1, 1, 2, 4, dtype=torch.float16))
+    assert checked.count.tolist() == [2] and half.count.tolist() == [2]
     trusting = ml.KNNMemory(1, 1, 4, capacity=8, validate=False)
     trusting.add(torch.full((1, 1, 2, 4), float("nan")), torch.zeros(1, 1, 2, 4))  # the caller's promise
     assert trusting.count.tolist() == [2] and trusting.config()["validate"] is False

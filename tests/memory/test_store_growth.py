@@ -193,3 +193,32 @@ def test_stripe_write_reach_covers_every_slot_an_add_touches(C, W):
                 assert int(local.max()) < reach <= stripe.local_capacity
                 # what the ring holds after the add lies below the reach too
                 assert stripe.local_filled(min(filled + T, C)) <= reach
+
+
+def test_rows_with_their_own_write_pointers_equal_memories_of_one_row():
+    """Adds write rows that share their write pointer with slice copies and the others with a scatter:
+    after partial resets (and loads of such states) every row equals a memory fed that row alone."""
+    torch.manual_seed(5)
+    mem = ml.KNNMemory(3, H, D, DV, capacity=C)
+    rows = [ml.KNNMemory(1, H, D, DV, capacity=C) for _ in range(3)]
+    for step, T in enumerate([40, 100, 7, 200, 150, 61, 330, 9]):
+        keys, values = torch.randn(3, H, T, D), torch.randn(3, H, T, DV)
+        mem.add(keys, values)
+        for b, row in enumerate(rows):
+            row.add(keys[b:b + 1], values[b:b + 1])
+        if step in (1, 4):
+            mem.reset([step % 3])
+            rows[step % 3].reset()
+        if step == 5:  # a state whose rows' write pointers differ loads as it was
+            loaded = ml.KNNMemory(3, H, D, DV, capacity=C)
+            loaded.load_state_dict(mem.state_dict())
+            mem = loaded
+        for b, row in enumerate(rows):
+            for name, t in row.state_dict().items():
+                if name == "capacity":
+                    continue
+                got = mem.state_dict()[name][b:b + 1]
+                n = t.shape[2] if name in ("keys", "values") else (t.shape[1] if name == "positions" else None)
+                if n is not None:  # the batch holds the most slots any row fills: the rest are empty
+                    got = got[:, :, :n] if name != "positions" else got[:, :n]
+                assert torch.equal(got, t), (step, b, name)
