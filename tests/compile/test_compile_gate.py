@@ -41,23 +41,14 @@ SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes per block, opt-in maximum
 # zero: where they spill today the case is a known failure below, not a budget.
 SPILL_BUDGET: dict = {}
 
-ISSUE = "issue 13"
 # The Titans gates (the chunks' [C, C] decay products and their gradients) run in kernels of their own
-# (triton_gates.py), and the linear memory's backward runs in five launches per segment (recompute,
-# per-chunk prep, the sequential state-gradient pass, per-chunk gradients on the queries' and the keys'
-# side): those compile without spills for sm_90 at 16- and 64-token chunks. The MLP memory still spills
-# (figures: sm_90 unless named, Triton 3.9 / 3.6, spill stores + loads per thread).
-_TITANS_MLP = (f"{ISSUE}: the MLP memory's chunk keeps [C, D] and [C, C] accumulators (dq, dk, de, Hq Hk^T, dZq U^T) "
-               "live across its hidden-block passes besides each block's recomputed terms: 255 registers; backward "
-               "d16: 1108 / 1488 bytes spilled (sm_80: 6724 / 7184), d64: 14116 / 14380; forward d64: 2000 / 1980 "
-               "(measured 2026-12-01; smaller hidden blocks only shrink it: 16 units, 352 bytes)")
-# case id -> (reason, toolchains or None for all, archs or None for all). Each entry was measured (2-core
-# VM, triton 3.6.0 and 3.9.0, ptxas' spill counts): every other gate case compiles without spills.
-KNOWN_FAILURES = {
-    "titans-bwd-bf16-d16-bias=lp-chunk=16-depth=2-forget=0-hidden=4": (_TITANS_MLP, None, None),
-    "titans-fwd-bf16-d64-chunk=64-depth=2-hidden=4": (_TITANS_MLP, None, None),
-    "titans-bwd-bf16-d64-chunk=64-depth=2-hidden=4": (_TITANS_MLP, None, None),
-}
+# (triton_gates.py); the linear memory's backward runs in five launches per segment and the MLP memory in
+# two (forward) and six (backward) launches per segment, with chunk-start states and per-chunk tiles in
+# scratch and the hidden dimension in blocks of 16 (issue 13): every Titans gate case compiles without
+# spills for its targets, with Triton 3.6 and 3.9.
+# case id -> (reason, toolchains or None for all, archs or None for all), each entry measured (2-core VM,
+# triton 3.6.0 and 3.9.0, ptxas' spill counts). None today: every gate case compiles without spills.
+KNOWN_FAILURES: dict = {}
 
 
 def _params():

@@ -28,8 +28,9 @@ HEAD_DIMS = (16, 32, 64, 80, 128, 256)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _launch(kind: str, direction: str, D: int, dtype: str, hidden: int, chunk: int = 64):
-    """(kernel, args, kwargs) the host code launches for this call (meta tensors: nothing runs)."""
+def _launches(kind: str, direction: str, D: int, dtype: str, hidden: int, chunk: int = 64):
+    """The distinct memory-kernel launches ``(kernel, args, kwargs)`` the host code makes for this call
+    (meta tensors: nothing runs)."""
     import torch
 
     import memlayers.ops.titans.triton as host
@@ -37,7 +38,9 @@ def _launch(kind: str, direction: str, D: int, dtype: str, hidden: int, chunk: i
     captured = []
     kernels = [host.titans_linear_fwd_kernel, host.titans_linear_bwd_recompute_kernel, host.titans_linear_bwd_kernel,
                host.titans_linear_bwd_prep_kernel, host.titans_linear_bwd_grads_kernel,
-               host.titans_mlp_fwd_kernel, host.titans_mlp_bwd_kernel,
+               host.titans_mlp_fwd_state_kernel, host.titans_mlp_fwd_retrieve_kernel, host.titans_mlp_bwd_recompute_kernel,
+               host.titans_mlp_bwd_queries_kernel, host.titans_mlp_bwd_queries_grad_kernel,
+               host.titans_mlp_bwd_retrieval_kernel, host.titans_mlp_bwd_kernel, host.titans_mlp_bwd_grads_kernel,
                host.titans_gates_fwd_kernel, host.titans_gates_bwd_kernel]
     saved = [k.__dict__.get("run") for k in kernels]
     for k in kernels:
@@ -63,8 +66,13 @@ def _launch(kind: str, direction: str, D: int, dtype: str, hidden: int, chunk: i
                 del k.run
             else:
                 k.run = r
-    # The memory kernel (the gate kernels that run around it hold [C, C] tiles at most).
-    return [c for c in captured if "_gates_" not in c[0].fn.__name__][-1]
+    # The memory kernels (the gate kernels that run around them hold [C, C] tiles at most), each
+    # specialization once (they are launched once per checkpoint segment).
+    distinct = {}
+    for fn, args, kw in captured:
+        if "_gates_" not in fn.fn.__name__:
+            distinct.setdefault((fn.fn.__name__, tuple(sorted((n, str(v)) for n, v in kw.items()))), (fn, args, kw))
+    return list(distinct.values())
 
 
 def _signature(fn, args, kwargs):
@@ -100,19 +108,22 @@ def _resources(cubin: bytes, cc: int) -> dict:
 
 
 def compile_spec(kind, direction, D, dtype, hidden, cc, chunk=64) -> dict:
-    """Compile one launch for ``sm_<cc>``: shared memory (bytes) and per-thread resources."""
+    """Compile the call's memory kernels for ``sm_<cc>``: the one with the most shared memory (bytes),
+    with its per-thread resources."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    fn, args, kwargs = _launch(kind, direction, D, dtype, hidden, chunk)
-    sig, constexprs = _signature(fn, args, kwargs)
-    opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", cc, 32), options=opts)
-    sizes = {n: kwargs[n] for n in ("BV", "BHB", "num_warps") if n in kwargs}
-    return dict(kind=kind, direction=direction, D=D, dtype=dtype, hidden=hidden, cc=cc, chunk=chunk,
-                shared=compiled.metadata.shared,
-                triton=triton.__version__, **sizes, **_resources(compiled.asm["cubin"], cc))
+    results = []
+    for fn, args, kwargs in _launches(kind, direction, D, dtype, hidden, chunk):
+        sig, constexprs = _signature(fn, args, kwargs)
+        opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", cc, 32), options=opts)
+        sizes = {n: kwargs[n] for n in ("BV", "BHB", "num_warps") if n in kwargs}
+        results.append(dict(kind=kind, direction=direction, D=D, dtype=dtype, hidden=hidden, cc=cc, chunk=chunk,
+                            kernel=fn.fn.__name__, shared=compiled.metadata.shared, triton=triton.__version__,
+                            **sizes, **_resources(compiled.asm["cubin"], cc)))
+    return max(results, key=lambda r: r["shared"])
 
 
 def _compile_in_subprocess(specs) -> list:

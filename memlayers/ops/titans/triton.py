@@ -7,10 +7,11 @@ they share in ``triton_common.py``.
 Imported lazily by ``memlayers.ops.titans`` (triton reads TRITON_INTERPRET at decoration time).
 
 Fit: the linear memory runs a grid of (batch * head, value blocks), each program holding a
-``[Dk, BV]`` block of the state (``value_block``); the MLP memory one program per (batch, head)
-streaming its state through global memory in hidden blocks (``hidden_block``). Neither holds a
-whole state matrix on chip, so shared memory stays within an H100/H200 or A100 block at head dims
-up to 256 and MLP hidden sizes up to 4x that (compiled and measured by tests/ops/test_titans_fit.py).
+``[Dk, BV]`` block of the state (``value_block``); the MLP memory's sequential kernels one program per
+(batch, head) streaming its state through global memory in hidden blocks (``hidden_block``), its
+per-chunk kernels one program per chunk. None holds a whole state matrix on chip, so shared memory
+stays within an H100/H200 or A100 block at head dims up to 256 and MLP hidden sizes up to 4x that
+(compiled and measured by tests/ops/test_titans_fit.py).
 
 Memory use: the forward keeps the memory state every ``R = ceil(sqrt(#chunks))`` chunks, and the
 backward one segment of ``R`` states at a time per (batch, head), so per-chunk copies of the
@@ -19,6 +20,11 @@ The linear memory's backward takes five launches per segment (its recompute, a p
 sequential state-gradient pass, the per-chunk gradients on the queries' and the keys' side), so that
 no kernel holds another's registers: ``5 * ceil(#chunks / R)`` launches, and per program a scratch
 of ``5 R`` chunk tiles (``[C, BV]`` and ``[Dk, BV]``) beside the ``R`` recomputed states.
+The MLP memory takes two launches per segment in the forward (the sequential state pass, the
+per-chunk retrieval) and six in the backward (see triton_mlp.py), with per (batch, head) a scratch
+of ``R`` chunk-start states and one ``[C, D]`` tile per chunk in the forward; in the backward ``3 R``
+states (start states, end states' gradients, the retrieval's share of the start states' gradients),
+``6 R`` ``[C, Dh]``, ``3 R`` ``[C, D]`` and ``R`` ``[C, C]`` tiles, beside a running state.
 The gate quantities take ``T * (C + 5)`` fp32 per (batch, head), for the forward and again for the
 backward (recomputed there rather than kept), and the backward's gradients of them as much again.
 """
@@ -38,7 +44,12 @@ from .triton_linear import (
     titans_linear_bwd_grads_kernel, titans_linear_bwd_kernel, titans_linear_bwd_prep_kernel,
     titans_linear_bwd_recompute_kernel, titans_linear_fwd_kernel,
 )
-from .triton_mlp import titans_mlp_bwd_kernel, titans_mlp_fwd_kernel
+from .triton_mlp import (
+    titans_mlp_bwd_grads_kernel, titans_mlp_bwd_kernel, titans_mlp_bwd_queries_grad_kernel,
+    titans_mlp_bwd_queries_kernel,
+    titans_mlp_bwd_recompute_kernel, titans_mlp_bwd_retrieval_kernel, titans_mlp_fwd_retrieve_kernel,
+    titans_mlp_fwd_state_kernel,
+)
 
 
 def _block(d: int) -> int:
@@ -84,8 +95,11 @@ def key_block(bk: int) -> int:
 
 
 def hidden_block(bd: int, bhid: int) -> int:
-    """Hidden units per block of the MLP memory's state stream (``W1[:, h]``, ``W2[h, :]`` and the momenta)."""
-    return min(bhid, 64 if bd <= 64 else 32 if bd <= 128 else 16)
+    """Hidden units per block of the MLP memory's state stream (``W1[:, h]``, ``W2[h, :]`` and the momenta)
+    and of its per-chunk ``[C, Dh]`` scratch tiles. 16: with 32 at head dim 64 and 64-token chunks the
+    backward's sequential and queries kernels spilled (sm_90, Triton 3.9: 1328 / 232 bytes of spill
+    stores); with 16 no MLP kernel of the compile gate spills (sm_90 and sm_80, Triton 3.6 and 3.9)."""
+    return min(bhid, 16)
 
 
 # Memory kernels: eight warps at every size.
@@ -120,6 +134,8 @@ class _Geometry:
         self.BV = value_block(self.BK, _block(self.DV)) if len(weights) == 1 else _block(self.DV)
         self.NV = triton.cdiv(self.DV, self.BV)
         self.BHB = hidden_block(self.BK, self.BHID)
+        # The MLP's per-chunk scratch tiles hold the hidden size padded to whole blocks.
+        self.DHP = triton.cdiv(self.DH, self.BHB) * self.BHB
 
 
 def _state_shapes(g: _Geometry, depth: int):
@@ -163,7 +179,7 @@ def _launch_args(g: _Geometry, depth, has_momentum, bias, p, delta, eps, mm_dtyp
     if depth == 1:
         sizes = dict(DK=g.DK, DV=g.DV, BK=g.BK, BV=g.BV)
     else:
-        sizes = dict(D=g.DK, DH=g.DH, BD=g.BK, BHB=g.BHB)
+        sizes = dict(D=g.DK, DH=g.DH, DHP=g.DHP, BD=g.BK, BHB=g.BHB)
     flags = dict(
         sizes, BC=g.C, MOMENTUM=has_momentum, BIAS=BIAS_IDS[bias], MM=mm_dtype, PREC=prec,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -193,13 +209,73 @@ def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size,
             *qkv, *gates, w0[0], s0[0], y, wt[0], st[0], ckw[0], cks[0], *scalars, **flags,
         )
     else:
-        # The MLP kernel streams its state through global memory, updating it in place.
-        for dst, src in zip(wt + (st if momentum is not None else []), w0 + (s0 if momentum is not None else [])):
-            dst.copy_(src)
-        titans_mlp_fwd_kernel[(g.BH,)](
-            *qkv, *gates, *wt, *st, y, *ckw, *cks, *scalars, **flags,
-        )
+        _mlp_fwd(g, qkv, gates, w0, s0, y, wt, st, ckw, cks, momentum is not None, scalars, flags)
     return y, tuple(wt), (tuple(st) if momentum is not None else None), (ckw, cks), g
+
+
+def _mlp_fwd(g: _Geometry, qkv, gates, w0, s0, y, wt, st, ckw, cks, has_momentum, scalars, flags):
+    """The MLP memory's forward, segment by segment: the state kernel carries the state (in ``wt, st``,
+    updated in place) through the segment's chunks, storing their start states and residuals in
+    scratch; the retrieval kernel then runs one program per chunk (see triton_mlp.py)."""
+    # The state kernel streams its running state through global memory, updating it in place.
+    for dst, src in zip(wt + (st if has_momentum else []), w0 + (s0 if has_momentum else [])):
+        dst.copy_(src)
+    q, k, v = qkv
+    scw, scs = _state_buffers((g.BH * g.R,), _state_shapes(g, 2), has_momentum, q.device)
+    sres = torch.empty(g.BH * g.R, g.C, g.BK, dtype=torch.float32, device=q.device)
+    for seg in range(g.NSEG):
+        titans_mlp_fwd_state_kernel[(g.BH,)](
+            k, v, *gates[1:], *wt, *st, *ckw, *cks, *scw, *scs, sres, seg, *scalars, **flags,
+        )
+        titans_mlp_fwd_retrieve_kernel[(g.BH, 1, g.R)](
+            q, k, gates[0], gates[1], gates[2], *scw, *scs, sres, y, seg, *scalars, **flags,
+        )
+
+
+def _mlp_bwd(g: _Geometry, qkv, gates, ckpt, dy, grads, dw0, ds0, has_momentum, scalars, flags):
+    """The MLP memory's backward, segment by segment from the last: six launches each (see
+    triton_mlp.py): the recompute of the segment's chunk-start states, three per-chunk launches (grid
+    axis 2: the segment's chunks) for the queries' activations, their gradients and the retrieval's
+    terms, the sequential state-gradient pass, the per-chunk dk and gate gradients."""
+    q, k, v = qkv
+    dev = q.device
+    ckw, cks = ckpt
+    shapes = _state_shapes(g, 2)
+    dqp, dkp, dv, dct, dga, dgd, dgw, dgs, dgb = grads
+    cur_w, cur_s = _state_buffers((g.BH,), shapes, has_momentum, dev)
+    # Per chunk of a segment: its start state, its end state's gradients, the retrieval's share of its
+    # start state's gradients.
+    scw, scs = _state_buffers((g.BH * g.R,), shapes, has_momentum, dev)
+    sgw, sgs = _state_buffers((g.BH * g.R,), shapes, has_momentum, dev)
+    srw, srs = _state_buffers((g.BH * g.R,), shapes, has_momentum, dev)
+    n = g.BH * g.R
+    sres, sde, sdr = (torch.empty(n, g.C, g.BK, dtype=torch.float32, device=dev) for _ in range(3))
+    sz, su, szq, sdzq, sdu, sdhk = (torch.empty(n, g.C, g.DHP, dtype=torch.float32, device=dev) for _ in range(6))
+    sp1 = torch.empty(n, g.C, g.C, dtype=torch.float32, device=dev)
+    ct, ga, gd, gw, gs, gb = gates
+    chunks = (g.BH, 1, g.R)
+    for seg in reversed(range(g.NSEG)):
+        titans_mlp_bwd_recompute_kernel[(g.BH,)](
+            k, v, ga, gd, gw, gs, gb, *cur_w, *cur_s, *ckw, *cks, *scw, *scs, sres, seg, *scalars, **flags,
+        )
+        titans_mlp_bwd_queries_kernel[chunks](
+            q, k, dy, ct, ga, gd, *scw, *scs, sres, sz, su, szq, sde, dct, seg, *scalars, **flags,
+        )
+        titans_mlp_bwd_queries_grad_kernel[chunks](
+            q, dy, ct, ga, gd, *scw, *scs, sres, sz, szq, sdzq, dga, dgd, seg, *scalars, **flags,
+        )
+        titans_mlp_bwd_retrieval_kernel[chunks](
+            q, k, dy, dqp, ct, ga, gd, *scw, *scs, sres, sz, su, szq, sdzq, sdu, sdhk, sde, sp1, *srw, *srs, dct,
+            seg, *scalars, **flags,
+        )
+        titans_mlp_bwd_kernel[(g.BH,)](
+            k, dv, ga, gd, gw, gs, gb, scw[1], sres, sz, sdu, sdhk, sde, sdr, *srw, *srs,
+            *dw0, *ds0, *sgw, *sgs, seg, *scalars, **flags,
+        )
+        titans_mlp_bwd_grads_kernel[chunks](
+            q, k, dkp, ct, gw, gs, *scw, *scs, *sgw, *sgs, sres, sz, su, sdhk, sdr, sp1, dga, dgd, dgw, dgs, dgb,
+            seg, *scalars, **flags,
+        )
 
 
 def _linear_bwd(g: _Geometry, qkv, gates, ckpt, dy, grads, dw0, ds0, scw, scs, split, has_momentum, scalars, flags):
@@ -238,7 +314,6 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     depth = len(dwt)
     shapes = _state_shapes(g, depth)
     dev = q.device
-    ckw, cks = ckpt
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # Kernels index rows contiguously: gradients must not inherit a transposed layout from q, k, v.
     # dq, dk and the gate quantities' gradients sum over the linear memory's value blocks (fp32
@@ -255,9 +330,6 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     dal = torch.empty_like(dth) if alpha is not None else dth
     det = torch.empty_like(dth) if has_momentum else dth
     dw0, ds0 = _state_buffers((g.B, g.H), shapes, has_momentum, dev)
-    # Scratch for one segment's recomputed chunk-start states, per program.
-    tiles = [(g.BK, g.BV)] if depth == 1 else shapes
-    scw, scs = _state_buffers((g.BH * nv * g.R,), tiles, has_momentum, dev)
     gate_inputs = _gate_inputs(theta, alpha, eta)
     ct, vec = chunk_gate_quantities(g, gate_inputs, has_momentum, alpha is not None)
     gates = (ct, *vec)
@@ -268,12 +340,12 @@ def titans_memory_bwd(q, k, v, theta, alpha, eta, ckpt, g, dy, dwt, dst, has_mom
     for dst_, src in zip(dw0 + (ds0 if has_momentum else []), list(dwt) + (list(dst) if has_momentum else [])):
         dst_.copy_(src)
     if depth == 1:
+        # Scratch for one segment's recomputed chunk-start states, per program.
+        scw, scs = _state_buffers((g.BH * nv * g.R,), [(g.BK, g.BV)], has_momentum, dev)
         _linear_bwd(g, qkv, gates, ckpt, dy.contiguous(), grads, dw0[0], ds0[0], scw[0], scs[0], split, has_momentum,
                     scalars, flags)
     else:
-        titans_mlp_bwd_kernel[(g.BH,)](
-            *qkv, *gates, *ckw, *cks, *scw, *scs, dy.contiguous(), *dw0, *ds0, *grads, *scalars, **flags,
-        )
+        _mlp_bwd(g, qkv, gates, ckpt, dy.contiguous(), grads, dw0, ds0, has_momentum, scalars, flags)
     titans_gates_bwd_kernel[(g.BH, g.NC)](
         *gate_inputs, dct, *dvec, dth, dal, det, g.T, g.NC, BC=g.C, MOMENTUM=has_momentum, FORGET=alpha is not None,
         num_warps=GATE_NUM_WARPS, num_stages=NUM_STAGES,

@@ -11,30 +11,41 @@ so retrieval with every token's own weights is exact without materializing them.
 
 Decomposition (why it fits): the hidden activations couple every value column (``E`` needs the
 whole sum over the hidden layer), so the state cannot be split over value columns as the linear
-memory's is. It is split over the hidden dimension instead, inside one program per (batch, head):
-the four state matrices ``W1 [D, Dh]``, ``W2 [Dh, D]``, ``S1``, ``S2`` live in global memory (fp32,
-L2-resident) and are streamed through registers in blocks of ``BHB`` hidden units, ``W1[:, h]`` with
-``W2[h, :]``. Everything a block needs from the other blocks is a sum over the hidden dimension, so
-each chunk is a few passes over the blocks with ``[C, D]`` / ``[C, C]`` accumulators between them:
+memory's is. It is split over the hidden dimension instead: the four state matrices ``W1 [D, Dh]``,
+``W2 [Dh, D]``, ``S1``, ``S2`` live in global memory (fp32, L2-resident) and are streamed through
+registers in blocks of ``BHB`` hidden units, ``W1[:, h]`` with ``W2[h, :]``. Everything a block
+needs from the other blocks is a sum over the hidden dimension (``E``; in the backward the
+residuals' gradient), so each chunk is a few passes over the blocks.
 
-- forward: pass 1 accumulates ``Hk W2`` (the residuals, hence ``E``); pass 2 computes each block's
-  ``U``, ``Zq``, ``Hq``, accumulates ``Hq W2`` and ``Hq Hk^T`` for ``Y`` and writes the block's
-  updated state in place;
-- backward: pass A recomputes ``E``; pass B accumulates what the per-token gradients need from all
-  blocks (``Hq Hk^T``, ``dZq U^T``, ``dq``, ``de``, gate terms); pass C recomputes each block's
-  terms and writes its state gradients in place, accumulating ``dk``.
+Only the state's chunk-to-chunk recurrence is sequential. The sequence is cut into segments of
+``R`` chunks (see ``triton.py``), and per segment:
 
-No dot operand is larger than ``[C, max(D, BHB)]`` whatever the hidden size, and the state never
-has to fit on chip. The forward stores the state every ``R`` chunks; the backward recomputes one
-segment of ``R`` chunk-start states at a time into a scratch buffer (see ``triton.py``).
+- forward: ``titans_mlp_state_kernel`` (one program per batch row and head) carries the state
+  through the segment's chunks, storing each chunk-start state and the chunk's residuals
+  ``K + Hk W2 - V`` in scratch (and the segment's first state as its checkpoint);
+  ``titans_mlp_fwd_retrieve_kernel`` (one program per chunk) then computes the retrieval ``Y``;
+- backward, five launches: the state kernel again (recomputing the segment from its checkpoint);
+  ``titans_mlp_bwd_queries_kernel`` (per chunk: the queries' activations ``Zq``, ``Hq``, their
+  gradient ``dZq``, ``Hq Hk^T``); ``titans_mlp_bwd_retrieval_kernel`` (per chunk: every share of
+  the gradients that no state gradient enters: dq, the gradient of ``c * theta``, the retrieval's
+  shares of ``dU``, ``dHk`` and ``dE``); ``titans_mlp_bwd_kernel``, the only sequential part, carries
+  the state gradients through the chunks last to first (completing the residuals' gradient ``dr``,
+  hence dv, and each chunk's ``dZ``); ``titans_mlp_bwd_grads_kernel`` (per chunk: dk and the gradients
+  of the gates' end weights).
+
+They pass ``[C, Dh]`` tiles (``Z``, ``U``, ``Hq``, ``dZq``, ``dU``, ``dHk`` then ``dZ``) and ``[C, D]``
+tiles (residuals, ``dE``, ``dr``) through per-chunk scratch, so that no kernel holds another's
+accumulators: in one kernel per chunk, ``[C, D]`` and ``[C, C]`` accumulators beside each block's
+recomputed terms spilled at head dim 64 (sm_90). Every matmul accumulates in fp32.
 """
 import triton
 import triton.language as tl
 
 from .triton_common import (
     _is_last, _load_cc, _load_last, _load_mat, _load_rows, _load_rows_raw, _load_state, _load_vec, _store_cc,
-    _store_rows, _store_state, _store_vec, bias_grad, bias_hess, mm,
+    _store_mat, _store_rows, _store_state, _store_vec, bias_grad, bias_hess, mm,
 )
+from .triton_linear import _segment_chunk
 
 
 @triton.jit
@@ -70,265 +81,467 @@ def _copy_states(SW1, SW2, SS1, SS2, sidx, DW1, DW2, DS1, DS2, didx, MOMENTUM: t
 
 
 @triton.jit
-def _mlp_chunk_fwd(
-    Q, K, V, CT, GA, GD, GW, GS, GB, Y, SW1, SW2, SS1, SS2, sidx, DW1, DW2, DS1, DS2, didx, tbase, cidx, t0, T,
-    p, delta, eps,
+def _load_hid(P, sc, h0, DHP: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr):
+    """Hidden block ``h0`` of chunk scratch tile ``sc`` (``[C, DHP]``, the hidden size padded to whole blocks)."""
+    return _load_mat(P, sc, 0, h0, BC, DHP, BC, BHB)
+
+
+@triton.jit
+def _store_hid(P, sc, h0, x, DHP: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr):
+    _store_mat(P, sc, 0, h0, x, BC, DHP, BC, BHB)
+
+
+@triton.jit
+def _load_cd(P, sc, BD: tl.constexpr, BC: tl.constexpr):
+    """Chunk scratch tile ``sc`` of ``[C, BD]`` (the head dim padded to its tile)."""
+    return _load_mat(P, sc, 0, 0, BC, BD, BC, BD)
+
+
+@triton.jit
+def _store_cd(P, sc, x, BD: tl.constexpr, BC: tl.constexpr):
+    _store_mat(P, sc, 0, 0, x, BC, BD, BC, BD)
+
+
+@triton.jit
+def _state_segment(
+    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, seg,
+    T, NC, R, p, delta, eps,
     D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
-    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, WRITE_Y: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, FROM_CKPT: tl.constexpr,
 ):
-    """Chunk ``cidx`` (tokens from ``t0``) from state ``sidx`` to state ``didx`` (may be the same:
-    each block is read before it is written); stores the retrieval with ``WRITE_Y``."""
-    k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
-    r = k.to(tl.float32) - _load_rows(V, tbase, t0, T, 0, D, BD, BC)
-    for h0 in range(0, DH, BHB):
-        W1 = _load_mat(SW1, sidx, 0, h0, D, DH, BD, BHB)
-        W2 = _load_mat(SW2, sidx, h0, 0, DH, D, BHB, BD)
-        z = mm(k, W1, MM, PREC)
-        r += mm(z * tl.sigmoid(z), W2, MM, PREC)
-    e = bias_grad(r, BIAS, p, delta, eps)
-    w_end = _load_vec(GW, tbase, t0, T, BC)
-    a_last = _load_last(GA, tbase, t0, T, BC)
+    """Segment ``seg``'s chunks in order, one program per (batch, head), with the running state in
+    ``CW1, CW2, CS1, CS2`` (updated in place): each chunk's start state into scratch slot ``r`` and its
+    residuals ``K + silu(K W1) W2 - V`` into ``SRES``. ``FROM_CKPT`` (the backward's recompute): the
+    running state starts from the segment's checkpoint; else (the forward) it continues from the
+    previous segment and the segment's first state is stored as its checkpoint."""
+    bh = tl.program_id(0)
+    nseg = tl.cdiv(NC, R)
+    n_in = tl.minimum(R, NC - seg * R)
+    tbase = bh * T
+    ck = bh * nseg + seg
+    if FROM_CKPT:
+        _copy_states(CKW1, CKW2, CKS1, CKS2, ck, CW1, CW2, CS1, CS2, bh, MOMENTUM, D, DH, BD, BHB)
+        tl.debug_barrier()
+    for r in range(0, n_in):
+        ci = seg * R + r
+        t0 = ci * BC
+        sc = bh * R + r
+        k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
+        res = k.to(tl.float32) - _load_rows(V, tbase, t0, T, 0, D, BD, BC)
+        for h0 in range(0, DH, BHB):
+            W1 = _load_mat(CW1, bh, 0, h0, D, DH, BD, BHB)
+            W2 = _load_mat(CW2, bh, h0, 0, DH, D, BHB, BD)
+            z = mm(k, W1, MM, PREC)
+            res += mm(z * tl.sigmoid(z), W2, MM, PREC)
+        _store_cd(SRES, sc, res, BD, BC)
+        e = bias_grad(res, BIAS, p, delta, eps)
+        w_end = _load_vec(GW, tbase, t0, T, BC)
+        a_last = _load_last(GA, tbase, t0, T, BC)
+        if MOMENTUM:
+            d_last = _load_last(GD, tbase, t0, T, BC)
+            s_end = _load_vec(GS, tbase, t0, T, BC)
+            b_last = _load_last(GB, tbase, t0, T, BC)
+        tl.debug_barrier()  # every block of the running state is read before one is overwritten
+        # Each block, one layer at a time (fewer state tiles held at once): keep the start state, then
+        # W1' = A_last W1 + d_last S1 - K^T (w_end * U), S1' = B_last S1 - K^T (s_end * U); then layer 2 with Hk, E.
+        for h0 in range(0, DH, BHB):
+            W1 = _load_mat(CW1, bh, 0, h0, D, DH, BD, BHB)
+            W2 = _load_mat(CW2, bh, h0, 0, DH, D, BHB, BD)
+            z = mm(k, W1, MM, PREC)
+            hk, dsilu, _s = _silu_parts(z)
+            u = mm(e, tl.trans(W2), MM, PREC) * dsilu
+            _store_mat(SCW1, sc, 0, h0, W1, D, DH, BD, BHB)
+            _store_mat(SCW2, sc, h0, 0, W2, DH, D, BHB, BD)
+            if not FROM_CKPT:
+                if r == 0:
+                    _store_mat(CKW1, ck, 0, h0, W1, D, DH, BD, BHB)
+                    _store_mat(CKW2, ck, h0, 0, W2, DH, D, BHB, BD)
+            W1 = a_last * W1 - mm(tl.trans(k), w_end[:, None] * u, MM, PREC)
+            W2 = a_last * W2 - mm(tl.trans(hk), w_end[:, None] * e, MM, PREC)
+            if MOMENTUM:
+                S1 = _load_mat(CS1, bh, 0, h0, D, DH, BD, BHB)
+                _store_mat(SCS1, sc, 0, h0, S1, D, DH, BD, BHB)
+                if not FROM_CKPT:
+                    if r == 0:
+                        _store_mat(CKS1, ck, 0, h0, S1, D, DH, BD, BHB)
+                W1 += d_last * S1
+                _store_mat(CS1, bh, 0, h0, b_last * S1 - mm(tl.trans(k), s_end[:, None] * u, MM, PREC), D, DH, BD, BHB)
+            _store_mat(CW1, bh, 0, h0, W1, D, DH, BD, BHB)
+            if MOMENTUM:
+                S2 = _load_mat(CS2, bh, h0, 0, DH, D, BHB, BD)
+                _store_mat(SCS2, sc, h0, 0, S2, DH, D, BHB, BD)
+                if not FROM_CKPT:
+                    if r == 0:
+                        _store_mat(CKS2, ck, h0, 0, S2, DH, D, BHB, BD)
+                W2 += d_last * S2
+                _store_mat(CS2, bh, h0, 0, b_last * S2 - mm(tl.trans(hk), s_end[:, None] * e, MM, PREC), DH, D, BHB, BD)
+            _store_mat(CW2, bh, h0, 0, W2, DH, D, BHB, BD)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_fwd_state_kernel(
+    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, seg,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+):
+    """The forward's state pass over segment ``seg`` (``_state_segment``): ``CW1..`` hold the state
+    (the host copies the initial one there) and end as the final state."""
+    _state_segment(K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2,
+                   SRES, seg, T, NC, R, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC, False)
+
+
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_bwd_recompute_kernel(
+    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, seg,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+):
+    """The backward's recompute of segment ``seg`` from its checkpoint (``_state_segment``), ``CW1..``
+    a running-state scratch."""
+    _state_segment(K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2,
+                   SRES, seg, T, NC, R, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC, True)
+
+
+@triton.jit
+def _queries_block(q, k, e, qkct, A, d, W1, W2, S1, MOMENTUM: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr):
+    """A hidden block's keys' and queries' activations at the chunk-start state: ``(Z, Hk, U, Zq)``."""
+    z = mm(k, W1, MM, PREC)
+    hk, dsilu, _s = _silu_parts(z)
+    u = mm(e, tl.trans(W2), MM, PREC) * dsilu
+    zq = A[:, None] * mm(q, W1, MM, PREC) - mm(qkct, u, MM, PREC)
     if MOMENTUM:
-        d_last = _load_last(GD, tbase, t0, T, BC)
-        s_end = _load_vec(GS, tbase, t0, T, BC)
-        b_last = _load_last(GB, tbase, t0, T, BC)
-    if WRITE_Y:
+        zq += d[:, None] * mm(q, S1, MM, PREC)
+    return z, hk, u, zq
+
+
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_fwd_retrieve_kernel(
+    Q, K, CT, GA, GD, SCW1, SCW2, SCS1, SCS2, SRES, Y, seg,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+):
+    """One chunk of segment ``seg`` per program (grid axis 2): its retrieval ``Y`` from the chunk-start
+    state and the residuals the state kernel stored."""
+    bh = tl.program_id(0)
+    r, ci, live = _segment_chunk(R, NC, seg)
+    if live:
+        sc = bh * R + r
+        tbase = bh * T
+        t0 = ci * BC
         q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
-        ct = _load_cc(CT, cidx, BC)
+        k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
+        e = bias_grad(_load_cd(SRES, sc, BD, BC), BIAS, p, delta, eps)
+        ct = _load_cc(CT, bh * NC + ci, BC)
+        qkct = (mm(q, tl.trans(k), MM, PREC) * ct).to(MM)  # only a matmul operand (mm casts it anyway)
         A = _load_vec(GA, tbase, t0, T, BC)
+        d = tl.zeros([BC], dtype=tl.float32)
         if MOMENTUM:
             d = _load_vec(GD, tbase, t0, T, BC)
-        qk = mm(q, tl.trans(k), MM, PREC)
         y = q.to(tl.float32)
-        hh = tl.zeros([BC, BC], dtype=tl.float32)
-    tl.debug_barrier()
-    for h0 in range(0, DH, BHB):
-        W1, W2, S1, S2 = _load_block(SW1, SW2, SS1, SS2, sidx, h0, MOMENTUM, D, DH, BD, BHB)
-        z = mm(k, W1, MM, PREC)
-        hk, dsilu, _s = _silu_parts(z)
-        u = mm(e, tl.trans(W2), MM, PREC) * dsilu
-        if WRITE_Y:
-            zq = A[:, None] * mm(q, W1, MM, PREC) - mm(qk * ct, u, MM, PREC)
-            if MOMENTUM:
-                zq += d[:, None] * mm(q, S1, MM, PREC)
+        for h0 in range(0, DH, BHB):
+            W1, W2, S1, S2 = _load_block(SCW1, SCW2, SCS1, SCS2, sc, h0, MOMENTUM, D, DH, BD, BHB)
+            z, hk, u, zq = _queries_block(q, k, e, qkct, A, d, W1, W2, S1, MOMENTUM, MM, PREC)
             hq = zq * tl.sigmoid(zq)
-            hh += mm(hq, tl.trans(hk), MM, PREC)
-            y += A[:, None] * mm(hq, W2, MM, PREC)
+            # (Hq Hk^T * ct) E sums over hidden blocks blockwise: the mask multiplies each block's share.
+            y += A[:, None] * mm(hq, W2, MM, PREC) - mm(mm(hq, tl.trans(hk), MM, PREC) * ct, e, MM, PREC)
             if MOMENTUM:
                 y += d[:, None] * mm(hq, S2, MM, PREC)
-        W1n = a_last * W1 - mm(tl.trans(k), w_end[:, None] * u, MM, PREC)
-        W2n = a_last * W2 - mm(tl.trans(hk), w_end[:, None] * e, MM, PREC)
-        if MOMENTUM:
-            W1n += d_last * S1
-            W2n += d_last * S2
-            S1 = b_last * S1 - mm(tl.trans(k), s_end[:, None] * u, MM, PREC)
-            S2 = b_last * S2 - mm(tl.trans(hk), s_end[:, None] * e, MM, PREC)
-        _store_block(DW1, DW2, DS1, DS2, didx, h0, W1n, W2n, S1, S2, MOMENTUM, D, DH, BD, BHB)
-    if WRITE_Y:
-        y -= mm(hh * ct, e, MM, PREC)
         _store_rows(Y, y, tbase, t0, T, 0, D, BD, BC)
-    tl.debug_barrier()
 
 
-@triton.jit
-def titans_mlp_fwd_kernel(
-    Q, K, V, CT, GA, GD, GW, GS, GB, W1T, W2T, S1T, S2T, Y, CKW1, CKW2, CKS1, CKS2,
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_bwd_queries_kernel(
+    Q, K, DY, CT, GA, GD, SCW1, SCW2, SCS1, SCS2, SRES, SZ, SU, SZQ, SDE, DCT, seg,
     T, NC, R, p, delta, eps,
-    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``W1T, W2T, S1T, S2T`` hold the initial state (the host copies it there) and are updated in
-    place, chunk by chunk, into the final state."""
+    """One chunk of segment ``seg`` per program (grid axis 2), from its start state: each hidden block's
+    ``Z``, ``U`` and the queries' pre-activations ``Zq`` into scratch; ``Hq Hk^T``'s shares of the
+    gradients of ``c * theta`` (``-(Hq Hk^T) * (dY E^T)``, stored) and of ``E`` (``-((Hq Hk^T) * ct)^T dY``,
+    into ``SDE``)."""
     bh = tl.program_id(0)
-    nseg = tl.cdiv(NC, R)
-    for ci in range(0, NC):
-        if ci % R == 0:
-            _copy_states(W1T, W2T, S1T, S2T, bh, CKW1, CKW2, CKS1, CKS2, bh * nseg + ci // R, MOMENTUM, D, DH, BD, BHB)
-            tl.debug_barrier()
-        _mlp_chunk_fwd(
-            Q, K, V, CT, GA, GD, GW, GS, GB, Y, W1T, W2T, S1T, S2T, bh, W1T, W2T, S1T, S2T, bh, bh * T, bh * NC + ci,
-            ci * BC, T, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC, True,
-        )
-
-
-@triton.jit
-def _mlp_block_terms(
-    q, k, e, dy, qk, ct, p2, A, d, w_end, s_end, W1, W2, S1, S2, dW1n, dS1n,
-    MOMENTUM: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
-):
-    """A hidden block's recomputed forward and backward terms, which need only its own columns."""
-    z = mm(k, W1, MM, PREC)
-    hk, dsilu, sg = _silu_parts(z)
-    ew = mm(e, tl.trans(W2), MM, PREC)
-    u = ew * dsilu
-    qw1 = mm(q, W1, MM, PREC)
-    zq = A[:, None] * qw1 - mm(qk * ct, u, MM, PREC)
-    dyw2 = mm(dy, tl.trans(W2), MM, PREC)
-    dhq = A[:, None] * dyw2 - mm(p2 * ct, hk, MM, PREC)
-    kdw1 = mm(k, dW1n, MM, PREC)
-    du = -w_end[:, None] * kdw1
-    if MOMENTUM:
-        qs1 = mm(q, S1, MM, PREC)
-        zq += d[:, None] * qs1
-        dys2 = mm(dy, tl.trans(S2), MM, PREC)
-        dhq += d[:, None] * dys2
-        kds1 = mm(k, dS1n, MM, PREC)
-        du -= s_end[:, None] * kds1
-    else:
-        qs1 = tl.zeros_like(qw1)
-        dys2 = tl.zeros_like(qw1)
-        kds1 = tl.zeros_like(qw1)
-    hq, dsilu_q, _sq = _silu_parts(zq)
-    dzq = dhq * dsilu_q
-    du -= mm(tl.trans(qk * ct), dzq, MM, PREC)
-    dew = du * dsilu
-    return z, hk, dsilu, sg, ew, u, qw1, qs1, hq, dyw2, dys2, dzq, kdw1, kds1, du, dew
-
-
-@triton.jit
-def _mlp_chunk_bwd(
-    Q, K, V, CT, GA, GD, GW, GS, GB, DY, DQ, DK_, DV_, DCT, DGA, DGD, DGW, DGS, DGB,
-    SW1, SW2, SS1, SS2, sidx, GW1, GW2, GS1, GS2, gidx, tbase, cidx, t0, T, p, delta, eps,
-    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
-    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
-):
-    """Gradients of chunk ``cidx`` (tokens from ``t0``) from its start state ``sidx`` and its end
-    state's gradients ``gidx``, which are overwritten, block by block, with the start state's
-    gradients. Stores dq, dk, dv and the gradients of the chunk's gate quantities."""
-    q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
-    k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
-    dy = _load_rows(DY, tbase, t0, T, 0, D, BD, BC)
-    ct = _load_cc(CT, cidx, BC)
-    A = _load_vec(GA, tbase, t0, T, BC)
-    w_end = _load_vec(GW, tbase, t0, T, BC)
-    a_last = _load_last(GA, tbase, t0, T, BC)
-    is_last = _is_last(t0, T, BC)
-    if MOMENTUM:
-        d = _load_vec(GD, tbase, t0, T, BC)
-        d_last = _load_last(GD, tbase, t0, T, BC)
-        s_end = _load_vec(GS, tbase, t0, T, BC)
-        b_last = _load_last(GB, tbase, t0, T, BC)
-    else:
+    r, ci, live = _segment_chunk(R, NC, seg)
+    if live:
+        sc = bh * R + r
+        tbase = bh * T
+        t0 = ci * BC
+        cidx = bh * NC + ci
+        q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
+        k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
+        e = bias_grad(_load_cd(SRES, sc, BD, BC), BIAS, p, delta, eps)
+        qkct = (mm(q, tl.trans(k), MM, PREC) * _load_cc(CT, cidx, BC)).to(MM)  # only a matmul operand
+        A = _load_vec(GA, tbase, t0, T, BC)
         d = tl.zeros([BC], dtype=tl.float32)
-        s_end = tl.zeros([BC], dtype=tl.float32)
-    # Pass A: residuals r = K + Hk W2 - V.
-    r = k.to(tl.float32) - _load_rows(V, tbase, t0, T, 0, D, BD, BC)
-    for h0 in range(0, DH, BHB):
-        W1 = _load_mat(SW1, sidx, 0, h0, D, DH, BD, BHB)
-        W2 = _load_mat(SW2, sidx, h0, 0, DH, D, BHB, BD)
-        z = mm(k, W1, MM, PREC)
-        r += mm(z * tl.sigmoid(z), W2, MM, PREC)
-    e = bias_grad(r, BIAS, p, delta, eps)
-    qk = mm(q, tl.trans(k), MM, PREC)
-    p2 = mm(dy, tl.trans(e), MM, PREC)
-    # Pass B: the sums over hidden units that the per-token gradients need.
-    hh = tl.zeros([BC, BC], dtype=tl.float32)
-    p1 = tl.zeros([BC, BC], dtype=tl.float32)
-    dq = dy
-    dk = tl.zeros([BC, BD], dtype=tl.float32)
-    de = tl.zeros([BC, BD], dtype=tl.float32)
-    dA = tl.zeros([BC], dtype=tl.float32)
-    dd = tl.zeros([BC], dtype=tl.float32)
-    dw_end = tl.zeros([BC], dtype=tl.float32)
-    ds_end = tl.zeros([BC], dtype=tl.float32)
-    dA_last = 0.0
-    dd_last = 0.0
-    db_end = 0.0
-    for h0 in range(0, DH, BHB):
-        W1, W2, S1, S2 = _load_block(SW1, SW2, SS1, SS2, sidx, h0, MOMENTUM, D, DH, BD, BHB)
-        dW1n, dW2n, dS1n, dS2n = _load_block(GW1, GW2, GS1, GS2, gidx, h0, MOMENTUM, D, DH, BD, BHB)
-        z, hk, dsilu, sg, ew, u, qw1, qs1, hq, dyw2, dys2, dzq, kdw1, kds1, du, dew = _mlp_block_terms(
-            q, k, e, dy, qk, ct, p2, A, d, w_end, s_end, W1, W2, S1, S2, dW1n, dS1n, MOMENTUM, MM, PREC,
-        )
-        hh += mm(hq, tl.trans(hk), MM, PREC)
-        p1 += mm(dzq, tl.trans(u), MM, PREC)
-        dq += A[:, None] * mm(dzq, tl.trans(W1), MM, PREC)
-        dA += tl.sum(hq * dyw2, 1) + tl.sum(qw1 * dzq, 1)
-        dw_end -= tl.sum(kdw1 * u, 1) + tl.sum(hk * mm(e, tl.trans(dW2n), MM, PREC), 1)
-        de += mm(dew, W2, MM, PREC) - w_end[:, None] * mm(hk, dW2n, MM, PREC)
-        dk -= w_end[:, None] * mm(u, tl.trans(dW1n), MM, PREC)
-        dA_last += tl.sum(tl.sum(W1 * dW1n, 1), 0) + tl.sum(tl.sum(W2 * dW2n, 1), 0)
         if MOMENTUM:
-            dq += d[:, None] * mm(dzq, tl.trans(S1), MM, PREC)
-            dd += tl.sum(hq * dys2, 1) + tl.sum(qs1 * dzq, 1)
-            ds_end -= tl.sum(kds1 * u, 1) + tl.sum(hk * mm(e, tl.trans(dS2n), MM, PREC), 1)
-            de -= s_end[:, None] * mm(hk, dS2n, MM, PREC)
-            dk -= s_end[:, None] * mm(u, tl.trans(dS1n), MM, PREC)
-            dd_last += tl.sum(tl.sum(S1 * dW1n, 1), 0) + tl.sum(tl.sum(S2 * dW2n, 1), 0)
-            db_end += tl.sum(tl.sum(S1 * dS1n, 1), 0) + tl.sum(tl.sum(S2 * dS2n, 1), 0)
-    dct = -(hh * p2) - qk * p1
-    dq -= mm(p1 * ct, k, MM, PREC)
-    dk -= mm(tl.trans(p1 * ct), q, MM, PREC)
-    de -= mm(tl.trans(hh * ct), dy, MM, PREC)
-    dr = de * bias_hess(r, BIAS, p, delta, eps)
-    dk += dr
-    _store_rows(DQ, dq, tbase, t0, T, 0, D, BD, BC)
-    _store_rows(DV_, -dr, tbase, t0, T, 0, D, BD, BC)
-    _store_cc(DCT, dct, cidx, BC, False)
-    _store_vec(DGA, dA + tl.where(is_last, dA_last, 0.0), tbase, t0, T, BC, False)
-    _store_vec(DGW, dw_end, tbase, t0, T, BC, False)
-    if MOMENTUM:
-        _store_vec(DGD, dd + tl.where(is_last, dd_last, 0.0), tbase, t0, T, BC, False)
-        _store_vec(DGS, ds_end, tbase, t0, T, BC, False)
-        _store_vec(DGB, tl.where(is_last, db_end, 0.0), tbase, t0, T, BC, False)
-    tl.debug_barrier()
-    # Pass C: each block's state gradients (in place) and its share of dk.
-    for h0 in range(0, DH, BHB):
-        W1, W2, S1, S2 = _load_block(SW1, SW2, SS1, SS2, sidx, h0, MOMENTUM, D, DH, BD, BHB)
-        dW1n, dW2n, dS1n, dS2n = _load_block(GW1, GW2, GS1, GS2, gidx, h0, MOMENTUM, D, DH, BD, BHB)
-        z, hk, dsilu, sg, ew, u, qw1, qs1, hq, dyw2, dys2, dzq, kdw1, kds1, du, dew = _mlp_block_terms(
-            q, k, e, dy, qk, ct, p2, A, d, w_end, s_end, W1, W2, S1, S2, dW1n, dS1n, MOMENTUM, MM, PREC,
-        )
-        dhk = mm(dr, tl.trans(W2), MM, PREC) - mm(tl.trans(p2 * ct), hq, MM, PREC)
-        dhk -= w_end[:, None] * mm(e, tl.trans(dW2n), MM, PREC)
-        if MOMENTUM:
-            dhk -= s_end[:, None] * mm(e, tl.trans(dS2n), MM, PREC)
-        dz = du * ew * (sg * (1.0 - sg) * (2.0 + z * (1.0 - 2.0 * sg))) + dhk * dsilu
-        dk += mm(dz, tl.trans(W1), MM, PREC)
-        gW1 = mm(tl.trans(q), A[:, None] * dzq, MM, PREC) + a_last * dW1n + mm(tl.trans(k), dz, MM, PREC)
-        gW2 = (mm(tl.trans(hq), A[:, None] * dy, MM, PREC) + a_last * dW2n + mm(tl.trans(dew), e, MM, PREC)
-               + mm(tl.trans(hk), dr, MM, PREC))
-        if MOMENTUM:
-            gS1 = mm(tl.trans(q), d[:, None] * dzq, MM, PREC) + d_last * dW1n + b_last * dS1n
-            gS2 = mm(tl.trans(hq), d[:, None] * dy, MM, PREC) + d_last * dW2n + b_last * dS2n
-        else:
-            gS1 = dS1n
-            gS2 = dS2n
-        _store_block(GW1, GW2, GS1, GS2, gidx, h0, gW1, gW2, gS1, gS2, MOMENTUM, D, DH, BD, BHB)
-    _store_rows(DK_, dk, tbase, t0, T, 0, D, BD, BC)
-    tl.debug_barrier()
+            d = _load_vec(GD, tbase, t0, T, BC)
+        hh = tl.zeros([BC, BC], dtype=tl.float32)
+        for h0 in range(0, DH, BHB):
+            W1, W2, S1, S2 = _load_block(SCW1, SCW2, SCS1, SCS2, sc, h0, MOMENTUM, D, DH, BD, BHB)
+            z, hk, u, zq = _queries_block(q, k, e, qkct, A, d, W1, W2, S1, MOMENTUM, MM, PREC)
+            hh += mm(zq * tl.sigmoid(zq), tl.trans(hk), MM, PREC)
+            _store_hid(SZ, sc, h0, z, DHP, BHB, BC)
+            _store_hid(SU, sc, h0, u, DHP, BHB, BC)
+            _store_hid(SZQ, sc, h0, zq, DHP, BHB, BC)
+        dy = _load_rows_raw(DY, tbase, t0, T, 0, D, BD, BC)
+        _store_cc(DCT, -(hh * mm(dy, tl.trans(e), MM, PREC)), cidx, BC, False)
+        _store_cd(SDE, sc, -mm(tl.trans(hh * _load_cc(CT, cidx, BC)), dy, MM, PREC), BD, BC)
 
 
-@triton.jit
-def titans_mlp_bwd_kernel(
-    Q, K, V, CT, GA, GD, GW, GS, GB, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, DY, GW1, GW2, GS1, GS2,
-    DQ, DK_, DV_, DCT, DGA, DGD, DGW, DGS, DGB,
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_bwd_queries_grad_kernel(
+    Q, DY, CT, GA, GD, SCW1, SCW2, SCS1, SCS2, SRES, SZ, SZQ, SDZQ, DGA, DGD, seg,
     T, NC, R, p, delta, eps,
-    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``GW1, GW2, GS1, GS2`` hold the final state's gradients (the host copies them there) and are
-    updated in place, chunk by chunk from the last, into the initial state's gradients."""
+    """One chunk of segment ``seg`` per program (grid axis 2), after the queries kernel: each hidden
+    block's gradient of the queries' pre-activations, ``dZq = (A dY W2^T + d dY S2^T - ((dY E^T) * ct) Hk)
+    * silu'(Zq)``, into scratch; the gradients of ``A`` and ``d`` through the retrieval (stored; the
+    grads kernel adds the end state's share)."""
     bh = tl.program_id(0)
-    nseg = tl.cdiv(NC, R)
-    for si in range(0, nseg):
-        seg = nseg - 1 - si
-        n_in = tl.minimum(R, NC - seg * R)
-        # Recompute the segment's chunk-start states from its checkpoint.
-        _copy_states(CKW1, CKW2, CKS1, CKS2, bh * nseg + seg, SCW1, SCW2, SCS1, SCS2, bh * R, MOMENTUM, D, DH, BD, BHB)
+    r, ci, live = _segment_chunk(R, NC, seg)
+    if live:
+        sc = bh * R + r
+        tbase = bh * T
+        t0 = ci * BC
+        q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
+        dy = _load_rows_raw(DY, tbase, t0, T, 0, D, BD, BC)
+        e = bias_grad(_load_cd(SRES, sc, BD, BC), BIAS, p, delta, eps)
+        p2ct = (mm(dy, tl.trans(e), MM, PREC) * _load_cc(CT, bh * NC + ci, BC)).to(MM)  # only a matmul operand
+        A = _load_vec(GA, tbase, t0, T, BC)
+        d = tl.zeros([BC], dtype=tl.float32)
+        if MOMENTUM:
+            d = _load_vec(GD, tbase, t0, T, BC)
+        dA = tl.zeros([BC], dtype=tl.float32)
+        dd = tl.zeros([BC], dtype=tl.float32)
+        for h0 in range(0, DH, BHB):
+            hk, _dsilu, _s = _silu_parts(_load_hid(SZ, sc, h0, DHP, BHB, BC))
+            hq, dsilu_q, _sq = _silu_parts(_load_hid(SZQ, sc, h0, DHP, BHB, BC))
+            dyw2 = mm(dy, tl.trans(_load_mat(SCW2, sc, h0, 0, DH, D, BHB, BD)), MM, PREC)
+            dhq = A[:, None] * dyw2 - mm(p2ct, hk, MM, PREC)
+            if MOMENTUM:
+                dys2 = mm(dy, tl.trans(_load_mat(SCS2, sc, h0, 0, DH, D, BHB, BD)), MM, PREC)
+                dhq += d[:, None] * dys2
+            dzq = dhq * dsilu_q
+            _store_hid(SDZQ, sc, h0, dzq, DHP, BHB, BC)
+            # Zq = A (Q W1) + d (Q S1) - ..: A's and d's gradients through both layers' reads.
+            dA += tl.sum(hq * dyw2, 1) + tl.sum(mm(q, _load_mat(SCW1, sc, 0, h0, D, DH, BD, BHB), MM, PREC) * dzq, 1)
+            if MOMENTUM:
+                dd += tl.sum(hq * dys2, 1) + tl.sum(mm(q, _load_mat(SCS1, sc, 0, h0, D, DH, BD, BHB), MM, PREC) * dzq, 1)
+        _store_vec(DGA, dA, tbase, t0, T, BC, False)
+        if MOMENTUM:
+            _store_vec(DGD, dd, tbase, t0, T, BC, False)
+
+
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_bwd_retrieval_kernel(
+    Q, K, DY, DQ, CT, GA, GD, SCW1, SCW2, SCS1, SCS2, SRES, SZ, SU, SZQ, SDZQ, SDU, SDHK, SDE, SP1,
+    SRW1, SRW2, SRS1, SRS2, DCT, seg,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+):
+    """One chunk of segment ``seg`` per program (grid axis 2), after the queries kernel: the retrieval's
+    shares of the gradients that no state gradient enters. Stores dq (complete), the gradient of
+    ``c * theta`` (completed: ``- (Q K^T) * (dZq U^T)``), ``dZq U^T`` for dk, per hidden block the
+    retrieval's share of ``dU`` (``-((Q K^T) * ct)^T dZq``) and of ``dHk`` (``-((dY E^T) * ct)^T Hq``),
+    and the retrieval's share of the chunk-start state's gradients (``SRW1..``: ``Q^T (A dZq)``,
+    ``Hq^T (A dY)``, ``Q^T (d dZq)``, ``Hq^T (d dY)``); adds ``dU``'s share of ``dE`` to ``SDE``."""
+    bh = tl.program_id(0)
+    r, ci, live = _segment_chunk(R, NC, seg)
+    if live:
+        sc = bh * R + r
+        tbase = bh * T
+        t0 = ci * BC
+        cidx = bh * NC + ci
+        q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
+        k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
+        dy = _load_rows(DY, tbase, t0, T, 0, D, BD, BC)
+        e = bias_grad(_load_cd(SRES, sc, BD, BC), BIAS, p, delta, eps)
+        ct = _load_cc(CT, cidx, BC)
+        # [C, C] tiles that only enter matmuls are kept in the matmul dtype (mm casts them anyway).
+        qkct = (mm(q, tl.trans(k), MM, PREC) * ct).to(MM)
+        p2ct = (mm(dy, tl.trans(e), MM, PREC) * ct).to(MM)
+        A = _load_vec(GA, tbase, t0, T, BC)
+        d = tl.zeros([BC], dtype=tl.float32)
+        if MOMENTUM:
+            d = _load_vec(GD, tbase, t0, T, BC)
+        p1 = tl.zeros([BC, BC], dtype=tl.float32)
+        de = _load_cd(SDE, sc, BD, BC)
+        dq = dy
+        for h0 in range(0, DH, BHB):
+            _hk, dsilu, _s = _silu_parts(_load_hid(SZ, sc, h0, DHP, BHB, BC))
+            dzq = _load_hid(SDZQ, sc, h0, DHP, BHB, BC)
+            p1 += mm(dzq, tl.trans(_load_hid(SU, sc, h0, DHP, BHB, BC)), MM, PREC)
+            du = -mm(tl.trans(qkct), dzq, MM, PREC)
+            _store_hid(SDU, sc, h0, du, DHP, BHB, BC)
+            de += mm(du * dsilu, _load_mat(SCW2, sc, h0, 0, DH, D, BHB, BD), MM, PREC)
+            dq += A[:, None] * mm(dzq, tl.trans(_load_mat(SCW1, sc, 0, h0, D, DH, BD, BHB)), MM, PREC)
+            _store_mat(SRW1, sc, 0, h0, mm(tl.trans(q), A[:, None] * dzq, MM, PREC), D, DH, BD, BHB)
+            zq = _load_hid(SZQ, sc, h0, DHP, BHB, BC)
+            hq = zq * tl.sigmoid(zq)
+            _store_mat(SRW2, sc, h0, 0, mm(tl.trans(hq), A[:, None] * dy, MM, PREC), DH, D, BHB, BD)
+            if MOMENTUM:
+                dq += d[:, None] * mm(dzq, tl.trans(_load_mat(SCS1, sc, 0, h0, D, DH, BD, BHB)), MM, PREC)
+                _store_mat(SRS1, sc, 0, h0, mm(tl.trans(q), d[:, None] * dzq, MM, PREC), D, DH, BD, BHB)
+                _store_mat(SRS2, sc, h0, 0, mm(tl.trans(hq), d[:, None] * dy, MM, PREC), DH, D, BHB, BD)
+            _store_hid(SDHK, sc, h0, -mm(tl.trans(p2ct), hq, MM, PREC), DHP, BHB, BC)
+        dq -= mm(p1 * ct, k, MM, PREC)
+        _store_rows(DQ, dq, tbase, t0, T, 0, D, BD, BC)
+        _store_cc(DCT, _load_cc(DCT, cidx, BC) - mm(q, tl.trans(k), MM, PREC) * p1, cidx, BC, False)
+        _store_cc(SP1, p1, sc, BC, False)
+        _store_cd(SDE, sc, de, BD, BC)
+
+
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_bwd_kernel(
+    K, DV_, GA, GD, GW, GS, GB, SCW2, SRES, SZ, SDU, SDHK, SDE, SDR, SRW1, SRW2, SRS1, SRS2,
+    GW1, GW2, GS1, GS2, SGW1, SGW2, SGS1, SGS2, seg,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+):
+    """The sequential part: back-propagates the state gradients through segment ``seg``'s chunks, last
+    to first, one program per (batch, head). ``GW1, GW2, GS1, GS2`` hold the gradients of the segment's
+    end state (the host copies the final state's there before the last segment) and are updated in
+    place into those of its start state. Per chunk: pass 1 keeps the chunk-end gradients in scratch
+    (``SGW1..``), completes ``dU`` (in ``SDU``) and ``dE``, hence ``dr`` (stored, and ``-dr`` as dv);
+    pass 2 each block's ``dZ`` (over ``SDHK``); pass 3 the second layer's start gradients, pass 4 the
+    first layer's (passes of their own: together they spilled). The retrieval's shares (``SRW1..``)
+    are the retrieval kernel's."""
+    bh = tl.program_id(0)
+    n_in = tl.minimum(R, NC - seg * R)
+    tbase = bh * T
+    for rr in range(0, n_in):
+        r = n_in - 1 - rr
+        ci = seg * R + r
+        t0 = ci * BC
+        sc = bh * R + r
+        k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
+        w_end = _load_vec(GW, tbase, t0, T, BC)
+        s_end = tl.zeros([BC], dtype=tl.float32)
+        if MOMENTUM:
+            s_end = _load_vec(GS, tbase, t0, T, BC)
+        # End state W1' = .. - K^T (w_end * U) - K^T (s_end * U), W2' = .. - Hk^T (w_end * E) - Hk^T (s_end * E):
+        # their gradients' shares of dU and dE.
+        de = _load_cd(SDE, sc, BD, BC)
+        for h0 in range(0, DH, BHB):
+            dW1, dW2, dS1, dS2 = _load_block(GW1, GW2, GS1, GS2, bh, h0, MOMENTUM, D, DH, BD, BHB)
+            _store_block(SGW1, SGW2, SGS1, SGS2, sc, h0, dW1, dW2, dS1, dS2, MOMENTUM, D, DH, BD, BHB)
+            hk, dsilu, _s = _silu_parts(_load_hid(SZ, sc, h0, DHP, BHB, BC))
+            du = -w_end[:, None] * mm(k, dW1, MM, PREC)
+            de -= w_end[:, None] * mm(hk, dW2, MM, PREC)
+            if MOMENTUM:
+                du -= s_end[:, None] * mm(k, dS1, MM, PREC)
+                de -= s_end[:, None] * mm(hk, dS2, MM, PREC)
+            _store_hid(SDU, sc, h0, _load_hid(SDU, sc, h0, DHP, BHB, BC) + du, DHP, BHB, BC)
+            de += mm(du * dsilu, _load_mat(SCW2, sc, h0, 0, DH, D, BHB, BD), MM, PREC)
+        res = _load_cd(SRES, sc, BD, BC)
+        dr = de * bias_hess(res, BIAS, p, delta, eps)
+        _store_rows(DV_, -dr, tbase, t0, T, 0, D, BD, BC)
+        _store_cd(SDR, sc, dr, BD, BC)
+        tl.debug_barrier()  # every block of the end state's gradients is read before one is overwritten
+        # The start state's gradients, block by block: W2 = A_last W2' + d_last S2' + (dU * silu'(Z))^T E + Hk^T dr
+        # (+ the retrieval's share), S2 = B_last S2' + d_last W2' (+ its share); Z's gradient dZ through U
+        # (silu'') and Hk; then W1 = A_last W1' + K^T dZ (+ share), S1 = B_last S1' + d_last W1' (+ share).
+        e = bias_grad(res, BIAS, p, delta, eps).to(MM)
+        drm = dr.to(MM)
+        a_last = _load_last(GA, tbase, t0, T, BC)
+        d_last = 0.0
+        b_last = 0.0
+        if MOMENTUM:
+            d_last = _load_last(GD, tbase, t0, T, BC)
+            b_last = _load_last(GB, tbase, t0, T, BC)
+        for h0 in range(0, DH, BHB):
+            W2 = _load_mat(SCW2, sc, h0, 0, DH, D, BHB, BD)
+            z = _load_hid(SZ, sc, h0, DHP, BHB, BC)
+            _hk, dsilu, sg = _silu_parts(z)
+            dhk = _load_hid(SDHK, sc, h0, DHP, BHB, BC) + mm(drm, tl.trans(W2), MM, PREC)
+            dhk -= w_end[:, None] * mm(e, tl.trans(_load_mat(SGW2, sc, h0, 0, DH, D, BHB, BD)), MM, PREC)
+            if MOMENTUM:
+                dhk -= s_end[:, None] * mm(e, tl.trans(_load_mat(SGS2, sc, h0, 0, DH, D, BHB, BD)), MM, PREC)
+            # U = (E W2^T) * silu'(Z): Z's gradient through silu' (silu'' below) and through Hk.
+            du = _load_hid(SDU, sc, h0, DHP, BHB, BC)
+            dz = du * mm(e, tl.trans(W2), MM, PREC) * (sg * (1.0 - sg) * (2.0 + z * (1.0 - 2.0 * sg))) + dhk * dsilu
+            _store_hid(SDHK, sc, h0, dz, DHP, BHB, BC)
+        for h0 in range(0, DH, BHB):
+            dW2 = _load_mat(SGW2, sc, h0, 0, DH, D, BHB, BD)
+            hk, dsilu, _s = _silu_parts(_load_hid(SZ, sc, h0, DHP, BHB, BC))
+            du = _load_hid(SDU, sc, h0, DHP, BHB, BC)
+            gW2 = (_load_mat(SRW2, sc, h0, 0, DH, D, BHB, BD) + a_last * dW2 + mm(tl.trans(du * dsilu), e, MM, PREC)
+                   + mm(tl.trans(hk), drm, MM, PREC))
+            _store_mat(GW2, bh, h0, 0, gW2, DH, D, BHB, BD)
+            if MOMENTUM:
+                gS2 = (_load_mat(SRS2, sc, h0, 0, DH, D, BHB, BD) + d_last * dW2
+                       + b_last * _load_mat(SGS2, sc, h0, 0, DH, D, BHB, BD))
+                _store_mat(GS2, bh, h0, 0, gS2, DH, D, BHB, BD)
+        tl.debug_barrier()  # dZ is stored before pass 4 reads it (other threads' elements)
+        k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)  # reloaded: held through passes 2-3, it spilled
+        for h0 in range(0, DH, BHB):
+            dW1 = _load_mat(SGW1, sc, 0, h0, D, DH, BD, BHB)
+            dz = _load_hid(SDHK, sc, h0, DHP, BHB, BC)
+            gW1 = _load_mat(SRW1, sc, 0, h0, D, DH, BD, BHB) + a_last * dW1 + mm(tl.trans(k), dz, MM, PREC)
+            _store_mat(GW1, bh, 0, h0, gW1, D, DH, BD, BHB)
+            if MOMENTUM:
+                gS1 = (_load_mat(SRS1, sc, 0, h0, D, DH, BD, BHB) + d_last * dW1
+                       + b_last * _load_mat(SGS1, sc, 0, h0, D, DH, BD, BHB))
+                _store_mat(GS1, bh, 0, h0, gS1, D, DH, BD, BHB)
         tl.debug_barrier()
-        for r in range(0, n_in - 1):
-            ci = seg * R + r
-            _mlp_chunk_fwd(
-                Q, K, V, CT, GA, GD, GW, GS, GB, Q, SCW1, SCW2, SCS1, SCS2, bh * R + r, SCW1, SCW2, SCS1, SCS2,
-                bh * R + r + 1, bh * T, bh * NC + ci, ci * BC, T, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS,
-                MM, PREC, False,
-            )
-        for rr in range(0, n_in):
-            r = n_in - 1 - rr
-            ci = seg * R + r
-            _mlp_chunk_bwd(
-                Q, K, V, CT, GA, GD, GW, GS, GB, DY, DQ, DK_, DV_, DCT, DGA, DGD, DGW, DGS, DGB,
-                SCW1, SCW2, SCS1, SCS2, bh * R + r, GW1, GW2, GS1, GS2, bh, bh * T, bh * NC + ci, ci * BC, T,
-                p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC,
-            )
+
+
+@triton.jit(do_not_specialize=["seg"])
+def titans_mlp_bwd_grads_kernel(
+    Q, K, DK_, CT, GW, GS, SCW1, SCW2, SCS1, SCS2, SGW1, SGW2, SGS1, SGS2, SRES, SZ, SU, SDHK, SDR, SP1,
+    DGA, DGD, DGW, DGS, DGB, seg,
+    T, NC, R, p, delta, eps,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+):
+    """One chunk of segment ``seg`` per program (grid axis 2), once the sequential kernel has run: dk
+    (``dr``, ``dZ W1^T``, the queries' ``-((dZq U^T) * ct)^T Q`` and the end state's shares), the
+    gradients of ``w_end`` and ``s_end``, and the end state's shares of those of ``A``, ``d`` and ``B``
+    at the chunk's last token (added to what the queries kernel stored)."""
+    bh = tl.program_id(0)
+    r, ci, live = _segment_chunk(R, NC, seg)
+    if live:
+        sc = bh * R + r
+        tbase = bh * T
+        t0 = ci * BC
+        q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
+        k = _load_rows_raw(K, tbase, t0, T, 0, D, BD, BC)
+        e = bias_grad(_load_cd(SRES, sc, BD, BC), BIAS, p, delta, eps)
+        ct = _load_cc(CT, bh * NC + ci, BC)
+        dk = _load_cd(SDR, sc, BD, BC) - mm(tl.trans(_load_cc(SP1, sc, BC) * ct), q, MM, PREC)
+        w_end = _load_vec(GW, tbase, t0, T, BC)
+        dw_end = tl.zeros([BC], dtype=tl.float32)
+        ds_end = tl.zeros([BC], dtype=tl.float32)
+        a_dw = 0.0
+        s_dw = 0.0
+        s_ds = 0.0
+        for h0 in range(0, DH, BHB):
+            W1, W2, S1, S2 = _load_block(SCW1, SCW2, SCS1, SCS2, sc, h0, MOMENTUM, D, DH, BD, BHB)
+            dW1, dW2, dS1, dS2 = _load_block(SGW1, SGW2, SGS1, SGS2, sc, h0, MOMENTUM, D, DH, BD, BHB)
+            hk, _dsilu, _s = _silu_parts(_load_hid(SZ, sc, h0, DHP, BHB, BC))
+            u = _load_hid(SU, sc, h0, DHP, BHB, BC)
+            dk += mm(_load_hid(SDHK, sc, h0, DHP, BHB, BC), tl.trans(W1), MM, PREC)
+            dk -= w_end[:, None] * mm(u, tl.trans(dW1), MM, PREC)
+            dw_end -= tl.sum(mm(k, dW1, MM, PREC) * u, 1) + tl.sum(hk * mm(e, tl.trans(dW2), MM, PREC), 1)
+            a_dw += tl.sum(tl.sum(W1 * dW1, 1), 0) + tl.sum(tl.sum(W2 * dW2, 1), 0)
+            if MOMENTUM:
+                dk -= _load_vec(GS, tbase, t0, T, BC)[:, None] * mm(u, tl.trans(dS1), MM, PREC)
+                ds_end -= tl.sum(mm(k, dS1, MM, PREC) * u, 1) + tl.sum(hk * mm(e, tl.trans(dS2), MM, PREC), 1)
+                s_dw += tl.sum(tl.sum(S1 * dW1, 1), 0) + tl.sum(tl.sum(S2 * dW2, 1), 0)
+                s_ds += tl.sum(tl.sum(S1 * dS1, 1), 0) + tl.sum(tl.sum(S2 * dS2, 1), 0)
+        _store_rows(DK_, dk, tbase, t0, T, 0, D, BD, BC)
+        is_last = _is_last(t0, T, BC)
+        _store_vec(DGW, dw_end, tbase, t0, T, BC, False)
+        _store_vec(DGA, _load_vec(DGA, tbase, t0, T, BC) + tl.where(is_last, a_dw, 0.0), tbase, t0, T, BC, False)
+        if MOMENTUM:
+            _store_vec(DGS, ds_end, tbase, t0, T, BC, False)
+            _store_vec(DGD, _load_vec(DGD, tbase, t0, T, BC) + tl.where(is_last, s_dw, 0.0), tbase, t0, T, BC, False)
+            _store_vec(DGB, tl.where(is_last, s_ds, 0.0), tbase, t0, T, BC, False)
