@@ -27,7 +27,7 @@ def _check_input_ids(model, input_ids) -> None:
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
     vocab = model.config.vocab_size
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device read
     if lo < 0 or hi >= vocab:
         raise ValueError(f"input_ids must be token ids in 0..{vocab - 1}, got values in {lo}..{hi}")
 
@@ -271,14 +271,18 @@ def _store_recorded(model, recorders, pieces) -> None:
 
 def _held_rows(model) -> Optional[int]:
     """The batch size of the memories that hold something (None: all are empty)."""
+    from ..memory import KNNMemory
+
     for _, m in memory_modules(model):
         rows = m.memory_batch_size
         if rows is None:
             continue
-        count = getattr(m, "count", None)  # KNNMemory: entries per row
-        seen = getattr(m, "seen", None)    # StatefulNeuralMemory: tokens read per row
-        held = count if count is not None else seen
-        if held is not None and bool(held.any()):
+        if isinstance(m, KNNMemory):  # its host-side count: no device read per layer
+            if m.filled:
+                return rows
+            continue
+        seen = getattr(m, "seen", None)  # StatefulNeuralMemory: tokens read per row
+        if seen is not None and bool(seen.any()):
             return rows
     return None
 
