@@ -20,23 +20,23 @@ residuals' gradient), so each chunk is a few passes over the blocks.
 Only the state's chunk-to-chunk recurrence is sequential. The sequence is cut into segments of
 ``R`` chunks (see ``triton.py``), and per segment:
 
-- forward: ``titans_mlp_state_kernel`` (one program per batch row and head) carries the state
+- forward: ``titans_mlp_fwd_state_kernel`` (one program per batch row and head) carries the state
   through the segment's chunks, storing each chunk-start state and the chunk's residuals
   ``K + Hk W2 - V`` in scratch (and the segment's first state as its checkpoint);
   ``titans_mlp_fwd_retrieve_kernel`` (one program per chunk) then computes the retrieval ``Y``;
-- backward, five launches: the state kernel again (recomputing the segment from its checkpoint);
-  ``titans_mlp_bwd_queries_kernel`` (per chunk: the queries' activations ``Zq``, ``Hq``, their
-  gradient ``dZq``, ``Hq Hk^T``); ``titans_mlp_bwd_retrieval_kernel`` (per chunk: every share of
-  the gradients that no state gradient enters: dq, the gradient of ``c * theta``, the retrieval's
-  shares of ``dU``, ``dHk`` and ``dE``); ``titans_mlp_bwd_kernel``, the only sequential part, carries
-  the state gradients through the chunks last to first (completing the residuals' gradient ``dr``,
-  hence dv, and each chunk's ``dZ``); ``titans_mlp_bwd_grads_kernel`` (per chunk: dk and the gradients
-  of the gates' end weights).
+- backward, six launches: ``titans_mlp_bwd_recompute_kernel`` (the state pass again, from the
+  segment's checkpoint); ``titans_mlp_bwd_queries_kernel`` (per chunk: ``Z``, ``U``, the queries'
+  pre-activations ``Zq`` and ``Hq Hk^T``'s shares); ``titans_mlp_bwd_queries_grad_kernel`` (per chunk:
+  ``dZq`` and the gradients of ``A`` and ``d``); ``titans_mlp_bwd_retrieval_kernel`` (per chunk: every
+  share of the gradients that no state gradient enters: dq, the gradient of ``c * theta``, the
+  retrieval's shares of ``dU``, ``dHk``, ``dE`` and of the start state's gradients);
+  ``titans_mlp_bwd_kernel``, the only sequential part, carries the state gradients through the
+  chunks last to first (completing the residuals' gradient ``dr``, hence dv, and each chunk's ``dZ``);
+  ``titans_mlp_bwd_grads_kernel`` (per chunk: dk and the gradients of the gates' end weights).
 
-They pass ``[C, Dh]`` tiles (``Z``, ``U``, ``Hq``, ``dZq``, ``dU``, ``dHk`` then ``dZ``) and ``[C, D]``
-tiles (residuals, ``dE``, ``dr``) through per-chunk scratch, so that no kernel holds another's
-accumulators: in one kernel per chunk, ``[C, D]`` and ``[C, C]`` accumulators beside each block's
-recomputed terms spilled at head dim 64 (sm_90). Every matmul accumulates in fp32.
+Tiles pass through per-chunk scratch (``[C, Dh]``: ``Z``, ``U``, ``Zq``, ``dZq``, ``dU``, ``dHk`` then
+``dZ``; ``[C, D]``: residuals, ``dE``, ``dr``; ``dZq U^T``; state-shaped), so that no kernel holds
+another's accumulators (in one kernel per chunk they spilled at head dim 64, sm_90). fp32 accumulation.
 """
 import triton
 import triton.language as tl
