@@ -173,3 +173,39 @@ def test_a_failed_save_leaves_no_checkpoint_without_its_memory_file(tmp_path, mo
         mm.save_pretrained(model, tmp_path / "saved2")
     assert not (tmp_path / "saved2" / "config.json").exists()  # no model checkpoint without its memories
     assert len(installed(model)) == 2
+
+
+def test_knn_memory_files_hold_what_is_stored_and_files_saved_before_load(tmp_path):
+    """A kNN store saves its filled slots and its capacity (issue 12); a memory file written before
+    (every slot of the capacity, no capacity entry) loads into the same memory and model output."""
+    from safetensors.torch import load_file, save_file
+
+    plain = tiny_model("llama")
+    model = copy.deepcopy(plain)
+    mm.attach(model, mm.KNNMemoryConfig(layers=[1], top_k=8, backend="torch", capacity=300))
+    ids = torch.randint(1, VOCAB, (2, 50))
+    mm.memorize(model, ids[:, :40], chunk_size=16)
+    expected = logits(model, ids[:, 40:])
+    mem = model.model.layers[1].self_attn.memory
+    assert mem.allocated_slots == 64 and mem.nbytes() < 300 * 2 * 2 * 16 * 4
+    mm.save_pretrained(model, tmp_path / "saved")
+    path = tmp_path / "saved" / "memlayers.safetensors"
+    saved = load_file(str(path))
+    prefix = "model.layers.1.self_attn.memory."
+    assert saved[prefix + "keys"].shape[2] == 40 and int(saved[prefix + "capacity"]) == 300
+
+    old = {k: v for k, v in saved.items() if k != prefix + "capacity"}
+    for name, axis, empty in (("keys", 2, 0), ("values", 2, 0), ("positions", 1, -1)):
+        t = old[prefix + name]
+        shape = list(t.shape)
+        shape[axis] = 300 - t.shape[axis]
+        old[prefix + name] = torch.cat([t, t.new_full(shape, empty)], dim=axis)
+    for layout, tensors in (("new", saved), ("old", old)):
+        save_file(tensors, str(path))
+        target = copy.deepcopy(plain)
+        mm.load_memory(target, tmp_path / "saved")
+        got = target.model.layers[1].self_attn.memory
+        assert (got.capacity, got.allocated_slots, got.filled) == (300, 64, 40), layout
+        for name, t in mem.state_dict().items():
+            assert torch.equal(got.state_dict()[name], t), (layout, name)
+        assert torch.equal(logits(target, ids[:, 40:]), expected), layout
