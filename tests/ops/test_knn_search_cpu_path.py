@@ -49,7 +49,8 @@ def test_chunks_and_partial_last_chunk(monkeypatch, T, chunk):
 
 # M: whole groups only, and a remainder past the last group (odd sizes).
 @pytest.mark.parametrize("k,M", [(1, 64), (3, 1000), (16, 4096), (16, 333), (32, 16387)])
-def test_two_stage_selection_is_exact(k, M):
+def test_two_stage_selection_is_exact(monkeypatch, k, M):
+    monkeypatch.setattr(naive, "GROUPED_SELECT_MIN_SCORES", 0)  # two stages at every size here
     torch.manual_seed(k)
     for s in (torch.randn(3, 5, M), torch.randint(-4, 5, (3, 5, M)).float()):  # random, then heavy ties
         s[0, 0, 7] = float("-inf")
@@ -62,6 +63,7 @@ def test_two_stage_selection_is_exact(k, M):
 
 def test_two_stage_selection_runs_inside_knn_search(monkeypatch):
     k, M = 2, 8 * 2 * naive.GROUPED_SELECT_MIN_GROUP ** 2
+    monkeypatch.setattr(naive, "GROUPED_SELECT_MIN_SCORES", 0)
     q, keys = torch.randn(1, 2, 3, 8), torch.randn(1, 1, M, 8)
     called = []
     amax = torch.Tensor.amax
@@ -69,6 +71,17 @@ def test_two_stage_selection_runs_inside_knn_search(monkeypatch):
     s, i = knn_search(q, keys, k, backend="torch")
     assert called, "the group-maximum stage did not run"
     check_topk(s, i, q, keys, k, "ip")
+
+
+def test_small_score_blocks_skip_the_two_stages(monkeypatch):
+    # Decode at 1K slots: one topk beats the two stages' dozen ops.
+    called = []
+    amax = torch.Tensor.amax
+    monkeypatch.setattr(torch.Tensor, "amax", lambda self, *a, **kw: called.append(1) or amax(self, *a, **kw))
+    q, keys = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 1024, 64)
+    s, i = knn_search(q, keys, 32, backend="torch")
+    assert not called
+    check_topk(s, i, q, keys, 32, "ip")
 
 
 def test_search_is_not_differentiable():
