@@ -21,6 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..ops.local_attention import local_attention as causal_local_attention
+from ..ops.utils import resolve_backend
 
 PREFIX = "memlayers_"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -95,7 +96,10 @@ def local_attention(
         ``(out [B, Hq, T, Dv] fp32, lse [B, Hq, T] fp32)``; a query that may attend to nothing gets
         ``out = 0, lse = -inf``.
     """
-    if mask is None:  # plain causal over [cache, chunk]: the flash kernel (or its reference) serves
+    if mask is None:
+        if q.shape[2] == 1 and resolve_backend(backend, q, k, v, op="local_attention") == "torch":
+            return _last_query(q, k, v, scale)
+        # plain causal over [cache, chunk]: the flash kernel (or its reference) serves
         out, lse = causal_local_attention(q, k, v, scale=scale, backend=backend)
         return out.float(), lse
     B, Hq, T, D = q.shape
@@ -120,3 +124,20 @@ def local_attention(
     out = out / total.clamp_min(tiny)[..., None]
     lse = torch.where(total > 0, m.squeeze(-1) + torch.log(total.clamp_min(tiny)), float("-inf"))
     return out, lse
+
+
+def _last_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``local_attention`` of one query per row (a decode step, no mask): the last token sees every
+    key, so there is no mask to build. Six ops where the causal reference takes about twenty (SmolLM2
+    decode step, 4096 cached keys: 0.72 -> 0.47 ms per layer, SDPA 0.41 ms; 1 thread, load 6)."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    scores = torch.matmul(q.float().reshape(B, Hkv, Hq // Hkv, D), k.float().transpose(-1, -2)).mul_(scale)
+    # The shift is a constant (no gradient; the softmax does not depend on it), finite unless a score
+    # is NaN or infinite.
+    m = torch.nan_to_num(scores.detach().amax(dim=-1, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    probs = torch.exp(scores - m)
+    total = probs.sum(dim=-1)
+    out = torch.matmul(probs, v.float()) / total[..., None]
+    lse = m.squeeze(-1) + torch.log(total)
+    return out.view(B, Hq, 1, v.shape[-1]), lse.view(B, Hq, 1)
