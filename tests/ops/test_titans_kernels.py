@@ -80,6 +80,14 @@ def test_mlp_kernel_streams_hidden_blocks(device, momentum):
     compare(inp, device, 1e-5, chunk_size=16)
 
 
+@pytest.mark.parametrize("T,chunk,D,hidden,bias", [(70, 32, 20, 40, "lp"), (45, 64, 16, 16, "huber")])
+def test_mlp_kernel_padded_tiles_and_chunks(device, T, chunk, D, hidden, bias):
+    # Head dim 20 in 32-wide tiles, hidden 40 in blocks of 16 (the last partial), 32-token chunks with a
+    # partial last one, 3 chunks in segments of 2 and 1; and a 64-token chunk shorter than its tile.
+    inp = make_inputs(1, 1, T, D, D, 2, hidden=hidden)
+    compare(inp, device, 1e-5, chunk_size=chunk, bias=bias, delta=0.3, p=2.5)
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("gate_end", GATE_ENDS)
 def test_gate_gradients_at_range_ends(device, depth, gate_end):

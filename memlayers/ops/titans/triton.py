@@ -94,7 +94,7 @@ def key_block(bk: int) -> int:
     return min(bk, 32)
 
 
-def hidden_block(bd: int, bhid: int) -> int:
+def hidden_block(bhid: int) -> int:
     """Hidden units per block of the MLP memory's state stream (``W1[:, h]``, ``W2[h, :]`` and the momenta)
     and of its per-chunk ``[C, Dh]`` scratch tiles. 16: with 32 at head dim 64 and 64-token chunks the
     backward's sequential and queries kernels spilled (sm_90, Triton 3.9: 1328 / 232 bytes of spill
@@ -133,7 +133,7 @@ class _Geometry:
         # The linear memory's programs each own BV value columns; the MLP's one whole head.
         self.BV = value_block(self.BK, _block(self.DV)) if len(weights) == 1 else _block(self.DV)
         self.NV = triton.cdiv(self.DV, self.BV)
-        self.BHB = hidden_block(self.BK, self.BHID)
+        self.BHB = hidden_block(self.BHID)
         # The MLP's per-chunk scratch tiles hold the hidden size padded to whole blocks.
         self.DHP = triton.cdiv(self.DH, self.BHB) * self.BHB
 
