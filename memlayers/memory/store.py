@@ -21,9 +21,9 @@ power of two that holds ``filled`` entries, at most the capacity (each token is 
 over the memory's life; a 65,536-slot memory is never allocated, nor zeroed, for a short text).
 The ring wraps at ``capacity`` as before: slots past ``filled`` are written only once ``filled``
 reaches them, so a growing memory is always a filled prefix and growth copies slots 0..filled-1.
-A reset of every row gives the first 64 slots back; a partial reset keeps the allocation. The
-buffers are registered buffers that growth *replaces*: read ``mem.keys`` where it is used, never
-keep a reference to it across an ``add``.
+A reset that leaves every row empty gives the storage back (the first 64 slots, fresh); one that
+leaves entries keeps the allocation. The buffers are registered buffers that growth *replaces*:
+read ``mem.keys`` where it is used, never keep a reference to it across an ``add``.
 
 ``state_dict()`` holds slots 0..filled-1 only (views of the live buffers), plus ``capacity`` (a 0-d
 int64 tensor; a shard's capacity travels in its ``shard`` entry instead), so a saved memory costs
