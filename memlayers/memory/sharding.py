@@ -2,10 +2,11 @@
 
 Layout: ``capacity`` C is global. Global slot ``s`` lives on rank ``s % W`` at local slot ``s // W``
 (round-robin stripes), so every add spreads its tokens evenly, and rank r holds
-``n_r = ceil((C - r) / W)`` real slots in local buffers of ``ceil(C / W)`` slots. The ring's metadata
-(count, write_ptr, next_position, all global) is the same on every rank, because every rank makes the
-same calls with the same arguments. A rank's valid slots are a prefix of its stripe, as the global
-ring fills slots 0..count-1 first.
+``n_r = ceil((C - r) / W)`` real slots in local buffers of at most ``ceil(C / W)`` slots (they grow
+with what is stored, as an unsharded memory's do: ``write_reach`` says how far an add may write).
+The ring's metadata (count, write_ptr, next_position, all global) is the same on every rank, because
+every rank makes the same calls with the same arguments. A rank's valid slots are a prefix of its
+stripe, as the global ring fills slots 0..count-1 first; a shard's state holds that prefix only.
 
 Search: each rank searches its stripe exactly, its top-k become global slot ids, the ranks all-gather
 scores and ids and keep the k best (the same top-k as one unsharded memory); positions, keys and values
