@@ -6,7 +6,7 @@ its last ``--window`` context tokens, and the model generates greedily from thos
 question; the score is the probes' exact match (``string_match_all``).
 
 To afford many settings on a CPU, each prompt is memorized once, with memory in every layer and
-the default read settings, and the read settings are then varied on that memory: which layers read
+the read settings ``MEMORIZE``, and the read settings are then varied on that memory: which layers read
 (``layers``: the others read none), ``top_k``, ``position`` (with ``max_distance``) and ``combine``
 (``"joint"`` only: ``"gate"`` needs a trained gate). A subset of layers reads the memory every layer
 wrote; an attached model with ``layers=`` that subset also memorizes with reads in that subset only
@@ -38,18 +38,21 @@ from memlayers.probes.scoring import string_match_all
 
 MAX_NEW_TOKENS = {"passkey": 10, "needle": 24}
 
-# Read settings over the defaults at the time of the sweep (all 30 layers, top_k 32, "rotate", joint).
+# Every prompt is memorized with these settings (the defaults when the sweep began), so that all the
+# prompts' memories are alike whatever the defaults become; the read settings below replace them.
+MEMORIZE = dict(top_k=32)
 SETTINGS = {
-    "all": dict(),
+    "all-k32": dict(top_k=32),
     "all-k16": dict(top_k=16),
     "all-k64": dict(top_k=64),
-    "all-fixed": dict(position="fixed"),
-    "all-none": dict(position="none"),
-    "all-unclamped": dict(max_distance=0),
-    "layers-0-23": dict(layers=range(0, 24)),
-    "layers-4-23": dict(layers=range(4, 24)),
-    "layers-4-29": dict(layers=range(4, 30)),
-    "layers-12-23": dict(layers=range(12, 24)),
+    "all-k128": dict(top_k=128),
+    "all-fixed": dict(top_k=32, position="fixed"),
+    "all-none": dict(top_k=32, position="none"),
+    "all-unclamped": dict(top_k=32, max_distance=0),
+    "layers-0-23": dict(top_k=32, layers=range(0, 24)),
+    "layers-4-23": dict(top_k=32, layers=range(4, 24)),
+    "layers-4-29": dict(top_k=32, layers=range(4, 30)),
+    "layers-12-23": dict(top_k=32, layers=range(12, 24)),
 }
 
 
@@ -111,7 +114,7 @@ def main() -> None:
     results["settings"].update({n: {k: (list(v) if isinstance(v, range) else v) for k, v in SETTINGS[n].items()}
                                 for n in names})
     model, tok = mh.load_pretrained("smollm2")
-    mh.attach(model, mh.KNNMemoryConfig())
+    mh.attach(model, mh.KNNMemoryConfig(**MEMORIZE))
     wrappers = memory_wrappers(model, ("knn",))
     base = wrappers[0].memory_config
     for probe, length, depth in cells:
@@ -125,7 +128,7 @@ def main() -> None:
         context = tok.encode(sample.context, add_special_tokens=True)
         window_ids = context[-args.window:] + tok.encode(sample.query, add_special_tokens=False)
         t0 = time.perf_counter()
-        _read_settings(wrappers, base)  # memorize with the defaults in every layer
+        _read_settings(wrappers, base)  # memorize with MEMORIZE in every layer
         mh.reset_memory(model)
         mh.memorize(model, torch.tensor([context[:-args.window]]), chunk_size=args.chunk_size, progress=False)
         done["memorize_s"] = round(time.perf_counter() - t0, 1)

@@ -18,13 +18,21 @@ query head by a learned ``sigmoid(gate)`` (Memorizing Transformers).
 Defaults (one set, used by both), with the HuggingFace attachment's ``layers=None`` (every layer),
 ``position="rotate"`` and ``combine="joint"``, chosen by ``bench/sweep_knn_defaults.py`` on the
 embedded SmolLM2-135M (results: ``bench/results/knn-defaults.json``; passkey and RULER needle, 2K
-and 4K tokens, 512-token window, seeds other than the efficacy table's): every layer with top_k 16,
-32 or 64 recalled 4 of 4 prompts, while ``"fixed"`` and reading in layers 0-23 or 4-23 only
-recalled 3 of 4 (a 4K passkey missed), and ``"none"`` missed a 2K passkey in the scratch runs that
-preceded the sweep. ``top_k=32`` rather than 16: in a scratch run at 4K the needle's answer was less likely with 16
-(mean log-probability per answer token -0.42 against -0.33), and in another an 8K passkey (one
-prompt, before ``max_distance``) was recalled by layers 4-23 and missed with every layer reading: fewer layers (and a cheaper decode) may serve longer
-memories, which a larger sweep should settle. ``max_distance`` (HuggingFace configs: half the
+to 8K tokens, 512-token window; seeds 1000 and 1001, other than the efficacy table's 0): every
+layer reading with top_k 16, 32, 64 or 128 recalled every prompt but one (a 4K passkey at depth
+100%, inside the window, which the model misses with full context too), while ``"fixed"`` and
+reading in layers 0-23 or 4-23 only missed a 4K passkey that every layer recalled; ``"none"``
+missed a 2K passkey in the scratch runs that preceded the sweep. ``top_k=64`` rather than 32: on
+those seeds the two tie (9 of 10), and on the efficacy table's own prompts, re-read from the same
+memories, 64 recalled three of the four passkeys 32 missed (2K at depth 100%, 4K at 50%, 8K at 75%;
+the fourth is the model's own miss) and lost none. ``bench/diagnose_knn_recall.py`` shows why
+(``bench/results/knn-recall-diagnosis.json``, the 8K depth-75% passkey): the repeated haystack
+stores the same tokens in the same context hundreds of times, so in layers 0-2 the 32 winners of the
+question's last query hold 2-3 distinct tokens per head, near-duplicates crowding out the needle,
+and in the deeper layers 64 winners hold about twice the needle's tokens that 32 do (layers 14-23:
+6.2 against 11.4 of its 25 tokens per head, mean); the answer needs its digits, not only its first
+words. 32 against 16: in a scratch run at 4K the needle's answer was less likely with 16 (mean
+log-probability per answer token -0.42 against -0.33). ``max_distance`` (HuggingFace configs: half the
 model's trained positions) keeps relative distances within what the model was trained on beyond it.
 ``capacity=65536`` tokens per batch row (the memory
 is there for long documents, and eviction is silent, so the default should rarely evict: 65536 is
@@ -43,7 +51,7 @@ from .rotary import RotaryCache, apply_rotary
 
 COMBINES = ("joint", "gate")
 POSITIONS = ("rotate", "none", "fixed")
-DEFAULT_TOP_K = 32
+DEFAULT_TOP_K = 64
 DEFAULT_CAPACITY = 65536
 DEFAULT_FIXED_DISTANCE = 1024
 
