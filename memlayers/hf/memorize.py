@@ -186,10 +186,11 @@ def _row_memories(model):
 def _row(state: dict, b: int) -> dict:
     """Row ``b`` (a batch of one) of a per-row memory's state dict: its own buffers, which lead with
     the batch (names without a dot; not a ``KNNMemory``'s FAISS blobs, rebuilt from the keys on load,
-    nor ``shard``, nor the parameters of submodules), and its 0-d entries (a ``KNNMemory``'s
-    ``capacity``) as they are."""
-    return {k: v.clone() if v.dim() == 0 else v[b:b + 1].clone()
-            for k, v in state.items() if "." not in k and k != "shard"}
+    nor the parameters of submodules), and the entries that describe the whole memory as they are (0-d
+    ones such as a ``KNNMemory``'s ``capacity``, and a shard's ``shard``: which stripe of the slots
+    this rank holds, the same for every row)."""
+    return {k: v.clone() if v.dim() == 0 or k == "shard" else v[b:b + 1].clone()
+            for k, v in state.items() if "." not in k}
 
 
 def _cat_rows(memory, rows: list) -> dict:

@@ -34,3 +34,20 @@ def test_process_group_is_checked(gloo_group):
         mm.KNNMemoryConfig(process_group="world")
     with pytest.raises(ValueError, match="exact index only"):
         mm.KNNMemoryConfig(index="flat", process_group=gloo_group)
+
+
+def test_padded_memorize_of_a_sharded_memory(gloo_group):
+    """Rows of different lengths are memorized row by row: each row's state keeps its shard entry."""
+    torch.manual_seed(0)
+    base = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :13] = 0  # row 1 left-padded
+    outs = []
+    for process_group in (None, gloo_group):
+        model = copy.deepcopy(base)
+        mm.attach(model, mm.KNNMemoryConfig(layers=[0, 1], top_k=6, capacity=37, backend="torch",
+                                            process_group=process_group))
+        mm.memorize(model, ids, chunk_size=16, attention_mask=mask)
+        outs.append(model(ids[:, :5]).logits)
+    assert torch.allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
