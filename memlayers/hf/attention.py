@@ -108,16 +108,17 @@ def local_attention(
     # Query head h reads kv-head h // G: fold the group into the query rows instead of copying k, v.
     qf = q.float().reshape(B, Hkv, G * T, D)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)).mul_(scale).view(B, Hq, T, S)
+    # In place: the score block (9 x 512 x 1024 floats in a SmolLM2 memorize chunk) is written once,
+    # not once per step into fresh memory; no step's backward needs what the next overwrites.
     if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask[..., -S:], float("-inf"))
+        scores.masked_fill_(~mask[..., -S:], float("-inf"))
     else:
-        scores = scores + mask[..., -S:].float()
+        scores.add_(mask[..., -S:].float())
     # Shifted by each row's maximum (a constant: no gradient, the softmax does not depend on it), then
     # normalized after the product with v: three passes over the scores where logsumexp and a second
     # exp took six.
-    m = scores.detach().amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, 0.0)
-    probs = torch.exp(scores - m)
+    m = torch.nan_to_num(scores.detach().amax(dim=-1, keepdim=True), nan=0.0, posinf=0.0, neginf=0.0)
+    probs = scores.sub_(m).exp_()
     total = probs.sum(dim=-1)
     out = torch.matmul(probs.view(B, Hkv, G * T, S), v.float()).view(B, Hq, T, v.shape[-1])
     tiny = torch.finfo(torch.float32).tiny
