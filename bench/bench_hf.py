@@ -1,7 +1,8 @@
 """HuggingFace integration: what memory costs on a model, side by side with the same model without it.
 
-``python bench/run.py --op hf`` (``--quick``: short inputs). For each layer set (the library's
-default ``KNNMemoryConfig``, and 8 evenly spaced layers of the model's decoder) the rows are:
+``python bench/run.py --op hf`` (``--quick``: short inputs). For each configuration (the library's
+default ``KNNMemoryConfig`` (top_k 64), the same with ``top_k=32`` (the default before 72fcad4), and
+the default on 8 evenly spaced layers of the model's decoder) the rows are:
 
 - ``memorize``: ``ml.memorize`` over N tokens in 512-token chunks, against a plain forward of the
   decoder over the very same chunks (no cache, no memory): ``vs_plain`` is memorize throughput /
@@ -106,7 +107,9 @@ def table(quick: bool):
     model, _ = load_pretrained("smollm2", dtype=dtype, device=device)  # a copy: memory goes on this one
     n_layers = model.config.num_hidden_layers
     default = ml.KNNMemoryConfig()
-    layer_sets = [("default", default.layers), (f"{SPREAD_LAYERS} of {n_layers}", _spread(n_layers, SPREAD_LAYERS))]
+    spread = f"{SPREAD_LAYERS} of {n_layers}"
+    configs = [(default.layers, default), (default.layers, ml.KNNMemoryConfig(top_k=32)),
+               (spread, ml.KNNMemoryConfig(layers=_spread(n_layers, SPREAD_LAYERS)))]
     label = f"SmolLM2-135M {str(dtype).replace('torch.', '')}"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g).to(device)
@@ -114,13 +117,12 @@ def table(quick: bool):
 
     _plain_chunks(plain, ids[:, :CHUNK])  # warm
     rows: List[Dict[str, object]] = []
-    for name, layers in layer_sets:
-        # The baseline right before each memorize: a shared machine's load drifts between layer sets.
+    for layers, config in configs:
+        # The baseline right before each memorize: a shared machine's load drifts between configurations.
         plain_s = _clock(lambda: _plain_chunks(plain, ids), device)
-        config = ml.KNNMemoryConfig(layers=layers)
         common = {"model": label, "device": device.type, "threads": torch.get_num_threads(), "chunk": CHUNK,
                   "top_k": config.top_k, "capacity": config.capacity, "position": config.position,
-                  "layers": "all" if layers is None else (name if name != "default" else str(layers)),
+                  "layers": "all" if layers is None else str(layers),
                   "tokens": tokens, "memory_tokens": tokens}
         ml.attach(model, config)
         load = _load_average()
