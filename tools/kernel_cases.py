@@ -91,6 +91,10 @@ def gate_cases() -> List[Case]:
         _case("titans", "bwd", "bf16", 64, depth=1, chunk=64, archs=(90,)),  # value blocks of 64 columns
         _case("titans", "fwd", "bf16", 64, depth=2, hidden=4, chunk=64, archs=(90,)),
         _case("titans", "bwd", "bf16", 64, depth=2, hidden=4, chunk=64, archs=(90,)),
+        # The MLP memory at head dim 128 (issue 13: no spills there), both targets: sm_80's mma operands
+        # live in registers, where whole-head tiles spilled before the head dim was split into blocks.
+        _case("titans", "fwd", "bf16", 128, depth=2, hidden=4, chunk=64),
+        _case("titans", "bwd", "bf16", 128, depth=2, hidden=4, chunk=64),
     ]
 
 

@@ -39,8 +39,9 @@ def _launches(kind: str, direction: str, D: int, dtype: str, hidden: int, chunk:
     kernels = [host.titans_linear_fwd_kernel, host.titans_linear_bwd_recompute_kernel, host.titans_linear_bwd_kernel,
                host.titans_linear_bwd_prep_kernel, host.titans_linear_bwd_grads_kernel,
                host.titans_mlp_fwd_state_kernel, host.titans_mlp_fwd_retrieve_kernel, host.titans_mlp_bwd_recompute_kernel,
-               host.titans_mlp_bwd_queries_kernel, host.titans_mlp_bwd_queries_grad_kernel,
-               host.titans_mlp_bwd_retrieval_kernel, host.titans_mlp_bwd_kernel, host.titans_mlp_bwd_grads_kernel,
+               host.titans_mlp_queries_kernel, host.titans_mlp_bwd_queries_grad_kernel, host.titans_mlp_bwd_dq_kernel,
+               host.titans_mlp_bwd_retrieval_kernel, host.titans_mlp_bwd_start_share_kernel, host.titans_mlp_bwd_kernel,
+               host.titans_mlp_bwd_dk_kernel, host.titans_mlp_bwd_grads_kernel,
                host.titans_gates_fwd_kernel, host.titans_gates_bwd_kernel]
     saved = [k.__dict__.get("run") for k in kernels]
     for k in kernels:

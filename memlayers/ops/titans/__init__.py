@@ -25,12 +25,12 @@ MAX_KERNEL_HIDDEN = 4 * MAX_KERNEL_DIM
 # Chunk sizes the kernels take: tl.dot tiles need >= 16; past 64 the [C, D] tiles outgrow the budget
 # of registers and shared memory the kernels are sized for (larger chunks run on the torch path).
 KERNEL_CHUNKS = (16, 32, 64)
-# The MLP kernels keep [C, D] tiles for a whole head. Before their split (issue 13), past head dim 128
-# the backward of a 64-token chunk needed 258 KB of shared memory (sm_90; the limit is 227 KB), of a
-# 32-token chunk 102 KB, hence the limit: wider MLP heads take chunks up to 32 on the kernels. The
-# split kernels at head dim 256, hidden 1024 take at most 147,456 bytes with 64-token chunks (sm_90;
-# 163,840 for sm_80) and 98,304 with 32 (Triton 3.9, measured), but spill registers at that width
-# with 16- and 64-token chunks alike (docs/gpu.md), so the limit stays until that is measured on a GPU.
+# Before the MLP kernels' split (issue 13), past head dim 128 the backward of a 64-token chunk needed
+# 258 KB of shared memory (sm_90; the limit is 227 KB), of a 32-token chunk 102 KB, hence the limit:
+# wider MLP heads take chunks up to 32 on the kernels. Split (and blocked over the head dim), at head
+# dim 256, hidden 1024, they take at most 122,880 bytes with 64-token chunks (sm_90, Triton 3.9,
+# measured) but still spill registers there (the dq and dk kernels 132 bytes each; with 16-token
+# chunks up to 252: docs/gpu.md), so the limit stays until that is measured on a GPU.
 MLP_WIDE_HEAD, MLP_WIDE_MAX_CHUNK = 128, 32
 
 

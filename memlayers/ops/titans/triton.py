@@ -20,9 +20,10 @@ The linear memory's backward takes five launches per segment (its recompute, a p
 sequential state-gradient pass, the per-chunk gradients on the queries' and the keys' side), so that
 no kernel holds another's registers: ``5 * ceil(#chunks / R)`` launches, and per program a scratch
 of ``5 R`` chunk tiles (``[C, BV]`` and ``[Dk, BV]``) beside the ``R`` recomputed states.
-The MLP memory takes two launches per segment in the forward (the sequential state pass, the
-per-chunk retrieval) and six in the backward (see triton_mlp.py), with per (batch, head) a scratch
-of ``R`` chunk-start states and one ``[C, D]`` tile per chunk in the forward; in the backward ``3 R``
+The MLP memory takes three launches per segment in the forward (the sequential state pass, the
+per-chunk activations, the per-chunk retrieval) and nine in the backward (see triton_mlp.py), with
+per (batch, head) a scratch of ``R`` chunk-start states, one ``[C, D]`` and three ``[C, Dh]`` tiles
+per chunk in the forward; in the backward ``3 R``
 states (start states, end states' gradients, the retrieval's share of the start states' gradients),
 ``6 R`` ``[C, Dh]``, ``3 R`` ``[C, D]`` and ``R`` ``[C, C]`` tiles, beside a running state.
 The gate quantities take ``T * (C + 5)`` fp32 per (batch, head), for the forward and again for the
@@ -45,10 +46,10 @@ from .triton_linear import (
     titans_linear_bwd_recompute_kernel, titans_linear_fwd_kernel,
 )
 from .triton_mlp import (
-    titans_mlp_bwd_grads_kernel, titans_mlp_bwd_kernel, titans_mlp_bwd_queries_grad_kernel,
-    titans_mlp_bwd_queries_kernel,
-    titans_mlp_bwd_recompute_kernel, titans_mlp_bwd_retrieval_kernel, titans_mlp_fwd_retrieve_kernel,
-    titans_mlp_fwd_state_kernel,
+    titans_mlp_bwd_dk_kernel, titans_mlp_bwd_dq_kernel, titans_mlp_bwd_grads_kernel, titans_mlp_bwd_kernel,
+    titans_mlp_bwd_queries_grad_kernel, titans_mlp_bwd_recompute_kernel, titans_mlp_bwd_retrieval_kernel,
+    titans_mlp_bwd_start_share_kernel, titans_mlp_fwd_retrieve_kernel, titans_mlp_fwd_state_kernel,
+    titans_mlp_queries_kernel,
 )
 
 
@@ -216,27 +217,31 @@ def titans_memory_fwd(q, k, v, theta, alpha, eta, weights, momentum, chunk_size,
 def _mlp_fwd(g: _Geometry, qkv, gates, w0, s0, y, wt, st, ckw, cks, has_momentum, scalars, flags):
     """The MLP memory's forward, segment by segment: the state kernel carries the state (in ``wt, st``,
     updated in place) through the segment's chunks, storing their start states and residuals in
-    scratch; the retrieval kernel then runs one program per chunk (see triton_mlp.py)."""
+    scratch; the queries and the retrieval kernels then run one program per chunk (see triton_mlp.py)."""
     # The state kernel streams its running state through global memory, updating it in place.
     for dst, src in zip(wt + (st if has_momentum else []), w0 + (s0 if has_momentum else [])):
         dst.copy_(src)
     q, k, v = qkv
     scw, scs = _state_buffers((g.BH * g.R,), _state_shapes(g, 2), has_momentum, q.device)
     sres = torch.empty(g.BH * g.R, g.C, g.BK, dtype=torch.float32, device=q.device)
+    sz, su, szq = (torch.empty(g.BH * g.R, g.C, g.DHP, dtype=torch.float32, device=q.device) for _ in range(3))
+    ct, ga, gd = gates[:3]
+    chunks = (g.BH, 1, g.R)
     for seg in range(g.NSEG):
         titans_mlp_fwd_state_kernel[(g.BH,)](
             k, v, *gates[1:], *wt, *st, *ckw, *cks, *scw, *scs, sres, seg, *scalars, **flags,
         )
-        titans_mlp_fwd_retrieve_kernel[(g.BH, 1, g.R)](
-            q, k, gates[0], gates[1], gates[2], *scw, *scs, sres, y, seg, *scalars, **flags,
+        titans_mlp_queries_kernel[chunks](q, k, ct, ga, gd, *scw, *scs, sres, sz, su, szq, seg, *scalars, **flags)
+        titans_mlp_fwd_retrieve_kernel[chunks](
+            q, ct, ga, gd, scw[1], scs[1], sres, sz, szq, y, seg, *scalars, **flags,
         )
 
 
 def _mlp_bwd(g: _Geometry, qkv, gates, ckpt, dy, grads, dw0, ds0, has_momentum, scalars, flags):
-    """The MLP memory's backward, segment by segment from the last: six launches each (see
-    triton_mlp.py): the recompute of the segment's chunk-start states, three per-chunk launches (grid
-    axis 2: the segment's chunks) for the queries' activations, their gradients and the retrieval's
-    terms, the sequential state-gradient pass, the per-chunk dk and gate gradients."""
+    """The MLP memory's backward, segment by segment from the last: nine launches each (see
+    triton_mlp.py): the recompute of the segment's chunk-start states, five per-chunk launches (grid
+    axis 2: the segment's chunks) for the queries' activations, their gradients, dq and the retrieval's
+    two sets of terms, the sequential state-gradient pass, per chunk dk and the gate gradients (two launches)."""
     q, k, v = qkv
     dev = q.device
     ckw, cks = ckpt
@@ -258,23 +263,26 @@ def _mlp_bwd(g: _Geometry, qkv, gates, ckpt, dy, grads, dw0, ds0, has_momentum, 
         titans_mlp_bwd_recompute_kernel[(g.BH,)](
             k, v, ga, gd, gw, gs, gb, *cur_w, *cur_s, *ckw, *cks, *scw, *scs, sres, seg, *scalars, **flags,
         )
-        titans_mlp_bwd_queries_kernel[chunks](
-            q, k, dy, ct, ga, gd, *scw, *scs, sres, sz, su, szq, sde, dct, seg, *scalars, **flags,
-        )
+        titans_mlp_queries_kernel[chunks](q, k, ct, ga, gd, *scw, *scs, sres, sz, su, szq, seg, *scalars, **flags)
         titans_mlp_bwd_queries_grad_kernel[chunks](
-            q, dy, ct, ga, gd, *scw, *scs, sres, sz, szq, sdzq, dga, dgd, seg, *scalars, **flags,
+            q, dy, ct, ga, gd, *scw, *scs, sres, sz, szq, sdzq, sde, dga, dgd, dct, seg, *scalars, **flags,
         )
-        titans_mlp_bwd_retrieval_kernel[chunks](
-            q, k, dy, dqp, ct, ga, gd, *scw, *scs, sres, sz, su, szq, sdzq, sdu, sdhk, sde, sp1, *srw, *srs, dct,
-            seg, *scalars, **flags,
+        titans_mlp_bwd_dq_kernel[chunks](
+            q, k, dy, dqp, ct, ga, gd, scw[0], scs[0], su, sdzq, sp1, dct, seg, *scalars, **flags,
+        )
+        titans_mlp_bwd_retrieval_kernel[chunks](q, k, dy, ct, sres, szq, sdzq, sdu, sdhk, seg, *scalars, **flags)
+        titans_mlp_bwd_start_share_kernel[chunks](
+            q, dy, ga, gd, szq, sdzq, *srw, *srs, seg, *scalars, **flags,
         )
         titans_mlp_bwd_kernel[(g.BH,)](
             k, dv, ga, gd, gw, gs, gb, scw[1], sres, sz, sdu, sdhk, sde, sdr, *srw, *srs,
             *dw0, *ds0, *sgw, *sgs, seg, *scalars, **flags,
         )
+        titans_mlp_bwd_dk_kernel[chunks](
+            q, dkp, ct, gw, gs, scw[0], sgw[0], sgs[0], su, sdhk, sdr, sp1, seg, *scalars, **flags,
+        )
         titans_mlp_bwd_grads_kernel[chunks](
-            q, k, dkp, ct, gw, gs, *scw, *scs, *sgw, *sgs, sres, sz, su, sdhk, sdr, sp1, dga, dgd, dgw, dgs, dgb,
-            seg, *scalars, **flags,
+            k, *scw, *scs, *sgw, *sgs, sres, sz, su, dga, dgd, dgw, dgs, dgb, seg, *scalars, **flags,
         )
 
 
