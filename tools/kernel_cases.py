@@ -95,6 +95,10 @@ def gate_cases() -> List[Case]:
         # live in registers, where whole-head tiles spilled before the head dim was split into blocks.
         _case("titans", "fwd", "bf16", 128, depth=2, hidden=4, chunk=64),
         _case("titans", "bwd", "bf16", 128, depth=2, hidden=4, chunk=64),
+        # 16-token chunks at head dim 128 (sm_90): 16-row dots take mma, not wgmma, and each warp holds a
+        # dot's whole row operand, so the head-dim blocks there are 16 wide (issue 13: no spills).
+        _case("titans", "fwd", "bf16", 128, depth=2, hidden=4, chunk=16, archs=(90,)),
+        _case("titans", "bwd", "bf16", 128, depth=2, hidden=4, chunk=16, archs=(90,)),
     ]
 
 

@@ -80,10 +80,13 @@ def test_mlp_kernel_streams_hidden_blocks(device, momentum):
     compare(inp, device, 1e-5, chunk_size=16)
 
 
-@pytest.mark.parametrize("T,chunk,D,hidden,bias", [(70, 32, 20, 40, "lp"), (45, 64, 16, 16, "huber")])
+@pytest.mark.parametrize("T,chunk,D,hidden,bias", [(70, 32, 20, 40, "lp"), (45, 64, 16, 16, "huber"),
+                                                    (37, 16, 40, 48, "lp")])
 def test_mlp_kernel_padded_tiles_and_chunks(device, T, chunk, D, hidden, bias):
     # Head dim 20 in 32-wide tiles, hidden 40 in blocks of 16 (the last partial), 32-token chunks with a
-    # partial last one, 3 chunks in segments of 2 and 1; and a 64-token chunk shorter than its tile.
+    # partial last one, 3 chunks in segments of 2 and 1; a 64-token chunk shorter than its tile; and
+    # 16-token chunks at head dim 40, whose head-dim blocks are 16 wide: four per 64-wide tile, the third
+    # partial, the fourth all padding.
     inp = make_inputs(1, 1, T, D, D, 2, hidden=hidden)
     compare(inp, device, 1e-5, chunk_size=chunk, bias=bias, delta=0.3, p=2.5)
 

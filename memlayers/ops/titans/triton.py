@@ -229,7 +229,7 @@ def _mlp_fwd(g: _Geometry, qkv, gates, w0, s0, y, wt, st, ckw, cks, has_momentum
     chunks = (g.BH, 1, g.R)
     for seg in range(g.NSEG):
         titans_mlp_fwd_state_kernel[(g.BH,)](
-            k, v, *gates[1:], *wt, *st, *ckw, *cks, *scw, *scs, sres, seg, *scalars, **flags,
+            k, v, *gates[1:], *wt, *st, *ckw, *cks, *scw, *scs, sres, sz, seg, *scalars, **flags,
         )
         titans_mlp_queries_kernel[chunks](q, k, ct, ga, gd, *scw, *scs, sres, sz, su, szq, seg, *scalars, **flags)
         titans_mlp_fwd_retrieve_kernel[chunks](
@@ -261,7 +261,7 @@ def _mlp_bwd(g: _Geometry, qkv, gates, ckpt, dy, grads, dw0, ds0, has_momentum, 
     chunks = (g.BH, 1, g.R)
     for seg in reversed(range(g.NSEG)):
         titans_mlp_bwd_recompute_kernel[(g.BH,)](
-            k, v, ga, gd, gw, gs, gb, *cur_w, *cur_s, *ckw, *cks, *scw, *scs, sres, seg, *scalars, **flags,
+            k, v, ga, gd, gw, gs, gb, *cur_w, *cur_s, *ckw, *cks, *scw, *scs, sres, sz, seg, *scalars, **flags,
         )
         titans_mlp_queries_kernel[chunks](q, k, ct, ga, gd, *scw, *scs, sres, sz, su, szq, seg, *scalars, **flags)
         titans_mlp_bwd_queries_grad_kernel[chunks](

@@ -17,8 +17,9 @@ registers in blocks of ``BHB`` hidden units, ``W1[:, h]`` with ``W2[h, :]``. Eve
 needs from the other blocks is a sum over the hidden dimension (``E``; in the backward the
 residuals' gradient), so each chunk is a few passes over the blocks. Products with the chunk's
 ``[C, D]`` tiles (``K``, ``E``, ``dr``) in the sequential kernels and the whole-head contractions
-(``Q K^T``, ``dY E^T``, ``K dW1``) run over head-dim blocks of at most 32, loaded as needed: whole-head
-tiles spilled registers at head dim 128 (sm_80's mma operands live in registers).
+(``Q K^T``, ``dY E^T``, ``K dW1``) run over head-dim blocks of at most 32 (16 with 16-token chunks),
+loaded as needed: whole-head tiles spilled registers at head dim 128 (mma operands live in registers:
+sm_80, and sm_90's 16-row dots).
 
 Only the state's chunk-to-chunk recurrence is sequential. The sequence is cut into segments of
 ``R`` chunks (see ``triton.py``), and per segment:
@@ -117,9 +118,9 @@ def _store_cd(P, sc, x, BD: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def _state_segment(
-    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, seg,
+    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, SZ, seg,
     T, NC, R, p, delta, eps,
-    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr, FROM_CKPT: tl.constexpr,
 ):
     """Segment ``seg``'s chunks in order, one program per (batch, head), with the running state in
@@ -142,11 +143,18 @@ def _state_segment(
         ci = seg * R + r
         t0 = ci * BC
         sc = bh * R + r
-        res = _load_rows(K, tbase, t0, T, 0, D, BD, BC) - _load_rows(V, tbase, t0, T, 0, D, BD, BC)
+        # Z = K W1 into scratch (the queries kernel stores the same), then the residuals in head-dim blocks of
+        # KR columns: a whole-head [C, D] accumulator beside the streamed W2 blocks spilled (16-token chunks, d128).
         for h0 in range(0, DH, BHB):
-            z = _keys_w1(K, tbase, t0, T, CW1, bh, h0, D, DH, BD, BHB, BC, MM, PREC)
-            res = mma(res, z * tl.sigmoid(z), _load_mat(CW2, bh, h0, 0, DH, D, BHB, BD), MM, PREC)
-        _store_cd(SRES, sc, res, BD, BC)
+            _store_hid(SZ, sc, h0, _keys_w1(K, tbase, t0, T, CW1, bh, h0, D, DH, BD, BHB, BC, MM, PREC), DHP, BHB, BC)
+        tl.debug_barrier()
+        KR: tl.constexpr = 16 if BC <= 16 else BD
+        for c0 in range(0, BD, KR):
+            res = _load_rows(K, tbase, t0, T, c0, D, KR, BC) - _load_rows(V, tbase, t0, T, c0, D, KR, BC)
+            for h0 in range(0, DH, BHB):
+                z = _load_hid(SZ, sc, h0, DHP, BHB, BC)
+                res = mma(res, z * tl.sigmoid(z), _load_mat(CW2, bh, h0, c0, DH, D, BHB, KR), MM, PREC)
+            _store_mat(SRES, sc, 0, c0, res, BC, BD, BC, KR)
         w_end = _load_vec(GW, tbase, t0, T, BC)
         a_last = _load_last(GA, tbase, t0, T, BC)
         if MOMENTUM:
@@ -154,13 +162,13 @@ def _state_segment(
             s_end = _load_vec(GS, tbase, t0, T, BC)
             b_last = _load_last(GB, tbase, t0, T, BC)
         tl.debug_barrier()  # the residuals are stored, every block of the running state read, before the updates
-        # Each hidden block: Z = K W1 and U = (E W2^T) * silu'(Z) over head-dim blocks, then per head-dim block
+        # Each hidden block: Z (from scratch) and U = (E W2^T) * silu'(Z), then per head-dim block
         # keep the start state and update it: W1' = A_last W1 + d_last S1 - K^T (w_end * U),
         # S1' = B_last S1 - K^T (s_end * U), W2' = A_last W2 + d_last S2 - Hk^T (w_end * E), S2' likewise.
         # Whole-head [C, D] tiles of K and E held through the block spilled at head dim 128.
-        KB: tl.constexpr = BD // ((BD + 31) // 32)
+        KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
         for h0 in range(0, DH, BHB):
-            hk, dsilu, _s = _silu_parts(_keys_w1(K, tbase, t0, T, CW1, bh, h0, D, DH, BD, BHB, BC, MM, PREC))
+            hk, dsilu, _s = _silu_parts(_load_hid(SZ, sc, h0, DHP, BHB, BC))
             u = _e_w2t(SRES, sc, p, delta, eps, CW2, bh, h0, D, DH, BD, BHB, BC, BIAS, MM, PREC) * dsilu
             tl.debug_barrier()  # the block is read whole before its head-dim blocks are overwritten
             for c0 in range(0, BD, KB):
@@ -190,7 +198,7 @@ def _state_segment(
 
 @triton.jit(do_not_specialize=["seg"])
 def titans_mlp_fwd_state_kernel(
-    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, seg,
+    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, SZ, seg,
     T, NC, R, p, delta, eps,
     D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
@@ -198,12 +206,13 @@ def titans_mlp_fwd_state_kernel(
     """The forward's state pass over segment ``seg`` (``_state_segment``): ``CW1..`` hold the state
     (the host copies the initial one there) and end as the final state."""
     _state_segment(K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2,
-                   SRES, seg, T, NC, R, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC, False)
+                   SRES, SZ, seg, T, NC, R, p, delta, eps, D, DH, DHP, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC,
+                   False)
 
 
 @triton.jit(do_not_specialize=["seg"])
 def titans_mlp_bwd_recompute_kernel(
-    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, seg,
+    K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2, SRES, SZ, seg,
     T, NC, R, p, delta, eps,
     D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr, BHB: tl.constexpr, BC: tl.constexpr,
     MOMENTUM: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
@@ -211,7 +220,8 @@ def titans_mlp_bwd_recompute_kernel(
     """The backward's recompute of segment ``seg`` from its checkpoint (``_state_segment``), ``CW1..``
     a running-state scratch."""
     _state_segment(K, V, GA, GD, GW, GS, GB, CW1, CW2, CS1, CS2, CKW1, CKW2, CKS1, CKS2, SCW1, SCW2, SCS1, SCS2,
-                   SRES, seg, T, NC, R, p, delta, eps, D, DH, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC, True)
+                   SRES, SZ, seg, T, NC, R, p, delta, eps, D, DH, DHP, BD, BHB, BC, MOMENTUM, BIAS, MM, PREC,
+                   True)
 
 
 @triton.jit
@@ -220,7 +230,7 @@ def _rows_gram(PA, PB, tbase, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.c
     """``A B^T`` ([C, C]) of two row tiles of a head (``Q K^T``), summed over head-dim blocks of at most 32
     loaded as needed: a whole-head contraction held both [C, D] operands in registers and spilled at head
     dim 128 on sm_80 (its mma operands live in registers)."""
-    KB: tl.constexpr = BD // ((BD + 31) // 32)
+    KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
     acc = tl.zeros([BC, BC], dtype=tl.float32)
     for c0 in range(0, BD, KB):
         a = _load_rows_raw(PA, tbase, t0, T, c0, D, KB, BC)
@@ -233,7 +243,7 @@ def _rows_gram(PA, PB, tbase, t0, T, D: tl.constexpr, BD: tl.constexpr, BC: tl.c
 def _dy_e_gram(DY, tbase, t0, T, SRES, sc, p, delta, eps, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
                BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr):
     """``dY E^T`` ([C, C]) in head-dim blocks, as ``_rows_gram``, ``E`` from the residuals in scratch."""
-    KB: tl.constexpr = BD // ((BD + 31) // 32)
+    KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
     acc = tl.zeros([BC, BC], dtype=tl.float32)
     for c0 in range(0, BD, KB):
         dy = _load_rows_raw(DY, tbase, t0, T, c0, D, KB, BC)
@@ -247,7 +257,7 @@ def _keys_w1(K, tbase, t0, T, PW1, idx, h0, D: tl.constexpr, DH: tl.constexpr, B
              BHB: tl.constexpr, BC: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr):
     """``K W[:, h]`` ([C, BHB]) for a ``[D, DH]`` matrix ``idx`` of ``PW1`` in head-dim blocks of at most 32
     (see ``_rows_gram``)."""
-    KB: tl.constexpr = BD // ((BD + 31) // 32)
+    KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
     acc = tl.zeros([BC, BHB], dtype=tl.float32)
     for c0 in range(0, BD, KB):
         acc += mm(_load_rows_raw(K, tbase, t0, T, c0, D, KB, BC), _load_mat(PW1, idx, c0, h0, D, DH, KB, BHB), MM, PREC)
@@ -259,11 +269,24 @@ def _e_w2t(SRES, sc, p, delta, eps, PW2, idx, h0, D: tl.constexpr, DH: tl.conste
            BHB: tl.constexpr, BC: tl.constexpr, BIAS: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr):
     """``E W[h, :]^T`` ([C, BHB]) for a ``[DH, D]`` matrix ``idx`` of ``PW2``, ``E`` from the residuals in
     scratch, in head-dim blocks (see ``_rows_gram``)."""
-    KB: tl.constexpr = BD // ((BD + 31) // 32)
+    KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
     acc = tl.zeros([BC, BHB], dtype=tl.float32)
     for c0 in range(0, BD, KB):
         e = bias_grad(_load_mat(SRES, sc, 0, c0, BC, BD, BC, KB), BIAS, p, delta, eps)
         acc += mm(e, tl.trans(_load_mat(PW2, idx, h0, c0, DH, D, BHB, KB)), MM, PREC)
+    return acc
+
+
+@triton.jit
+def _rows_w2t(P, tbase, t0, T, PW2, idx, h0, D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr,
+              BHB: tl.constexpr, BC: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr):
+    """``X W[h, :]^T`` ([C, BHB]) for a row tile ``X`` of a head (``dY``) and a ``[DH, D]`` matrix ``idx`` of
+    ``PW2``, in head-dim blocks (see ``_rows_gram``)."""
+    KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
+    acc = tl.zeros([BC, BHB], dtype=tl.float32)
+    for c0 in range(0, BD, KB):
+        x = _load_rows_raw(P, tbase, t0, T, c0, D, KB, BC)
+        acc += mm(x, tl.trans(_load_mat(PW2, idx, h0, c0, DH, D, BHB, KB)), MM, PREC)
     return acc
 
 
@@ -363,8 +386,6 @@ def titans_mlp_bwd_queries_grad_kernel(
         sc = bh * R + r
         tbase = bh * T
         t0 = ci * BC
-        q = _load_rows_raw(Q, tbase, t0, T, 0, D, BD, BC)
-        dy = _load_rows_raw(DY, tbase, t0, T, 0, D, BD, BC)
         p2ct = (_dy_e_gram(DY, tbase, t0, T, SRES, sc, p, delta, eps, D, BD, BC, BIAS, MM, PREC)
                 * _load_cc(CT, bh * NC + ci, BC)).to(MM)  # only a matmul operand
         A = _load_vec(GA, tbase, t0, T, BC)
@@ -378,17 +399,17 @@ def titans_mlp_bwd_queries_grad_kernel(
             hk, _dsilu, _s = _silu_parts(_load_hid(SZ, sc, h0, DHP, BHB, BC))
             hq, dsilu_q, _sq = _silu_parts(_load_hid(SZQ, sc, h0, DHP, BHB, BC))
             hh += mm(hq, tl.trans(hk), MM, PREC)
-            dyw2 = mm(dy, tl.trans(_load_mat(SCW2, sc, h0, 0, DH, D, BHB, BD)), MM, PREC)
+            dyw2 = _rows_w2t(DY, tbase, t0, T, SCW2, sc, h0, D, DH, BD, BHB, BC, MM, PREC)
             dhq = A[:, None] * dyw2 - mm(p2ct, hk, MM, PREC)
             if MOMENTUM:
-                dys2 = mm(dy, tl.trans(_load_mat(SCS2, sc, h0, 0, DH, D, BHB, BD)), MM, PREC)
+                dys2 = _rows_w2t(DY, tbase, t0, T, SCS2, sc, h0, D, DH, BD, BHB, BC, MM, PREC)
                 dhq += d[:, None] * dys2
             dzq = dhq * dsilu_q
             _store_hid(SDZQ, sc, h0, dzq, DHP, BHB, BC)
             # Zq = A (Q W1) + d (Q S1) - ..: A's and d's gradients through both layers' reads.
-            dA += tl.sum(hq * dyw2, 1) + tl.sum(mm(q, _load_mat(SCW1, sc, 0, h0, D, DH, BD, BHB), MM, PREC) * dzq, 1)
+            dA += tl.sum(hq * dyw2, 1) + tl.sum(_keys_w1(Q, tbase, t0, T, SCW1, sc, h0, D, DH, BD, BHB, BC, MM, PREC) * dzq, 1)
             if MOMENTUM:
-                dd += tl.sum(hq * dys2, 1) + tl.sum(mm(q, _load_mat(SCS1, sc, 0, h0, D, DH, BD, BHB), MM, PREC) * dzq, 1)
+                dd += tl.sum(hq * dys2, 1) + tl.sum(_keys_w1(Q, tbase, t0, T, SCS1, sc, h0, D, DH, BD, BHB, BC, MM, PREC) * dzq, 1)
         _store_vec(DGA, dA, tbase, t0, T, BC, False)
         if MOMENTUM:
             _store_vec(DGD, dd, tbase, t0, T, BC, False)
@@ -396,7 +417,11 @@ def titans_mlp_bwd_queries_grad_kernel(
         # dY E^T again rather than held through the blocks.
         dye = _dy_e_gram(DY, tbase, t0, T, SRES, sc, p, delta, eps, D, BD, BC, BIAS, MM, PREC)
         _store_cc(DCT, -(hh * dye), cidx, BC, False)
-        _store_cd(SDE, sc, -mm(tl.trans(hh * _load_cc(CT, cidx, BC)), dy, MM, PREC), BD, BC)
+        hhct = tl.trans(hh * _load_cc(CT, cidx, BC)).to(MM)
+        KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
+        for c0 in range(0, BD, KB):  # dY in head-dim blocks: whole [C, D] row tiles spilled (16-token chunks, d128)
+            dy = _load_rows_raw(DY, tbase, t0, T, c0, D, KB, BC)
+            _store_mat(SDE, sc, 0, c0, -mm(hhct, dy, MM, PREC), BC, BD, BC, KB)
 
 
 @triton.jit(do_not_specialize=["seg"])
@@ -539,7 +564,7 @@ def titans_mlp_bwd_kernel(
                 du -= s_end[:, None] * _keys_w1(K, tbase, t0, T, GS1, bh, h0, D, DH, BD, BHB, BC, MM, PREC)
             _store_hid(SDU, sc, h0, _load_hid(SDU, sc, h0, DHP, BHB, BC) + du, DHP, BHB, BC)
         tl.debug_barrier()  # dU is stored before pass 1b reads it (other threads' elements)
-        KB: tl.constexpr = BD // ((BD + 31) // 32)
+        KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
         for c0 in range(0, BD, KB):
             de = _load_mat(SDE, sc, 0, c0, BC, BD, BC, KB)
             for h0 in range(0, DH, BHB):
@@ -666,7 +691,7 @@ def titans_mlp_bwd_grads_kernel(
         # The token weights' gradients, then the last token's (elementwise over the states): in one pass
         # they spilled at head dim 128, sm_80. The former over head-dim blocks of at most 32 (K and E whole
         # spilled there too), each block's share of the row sums: they are linear in K dW1' and E dW2'^T.
-        KB: tl.constexpr = BD // ((BD + 31) // 32)
+        KB: tl.constexpr = 16 if BC <= 16 else BD // ((BD + 31) // 32)
         for c0 in range(0, BD, KB):
             k = _load_rows_raw(K, tbase, t0, T, c0, D, KB, BC)
             e = bias_grad(_load_mat(SRES, sc, 0, c0, BC, BD, BC, KB), BIAS, p, delta, eps).to(MM)
