@@ -99,6 +99,12 @@ def gate_cases() -> List[Case]:
         # dot's whole row operand, so the head-dim blocks there are 16 wide (issue 13: no spills).
         _case("titans", "fwd", "bf16", 128, depth=2, hidden=4, chunk=16, archs=(90,)),
         _case("titans", "bwd", "bf16", 128, depth=2, hidden=4, chunk=16, archs=(90,)),
+        # Head dim 256, the top of the supported range: the linear memory with 64-token chunks, the MLP
+        # memory with the largest chunks its host runs there (MLP_WIDE_MAX_CHUNK, 32).
+        _case("titans", "fwd", "bf16", 256, depth=1, chunk=64, archs=(90,)),
+        _case("titans", "bwd", "bf16", 256, depth=1, chunk=64, archs=(90,)),
+        _case("titans", "fwd", "bf16", 256, depth=2, hidden=4, chunk=32, archs=(90,)),
+        _case("titans", "bwd", "bf16", 256, depth=2, hidden=4, chunk=32, archs=(90,)),
     ]
 
 

@@ -48,8 +48,18 @@ SPILL_BUDGET: dict = {}
 # dim 128), in blocks of 32 (issue 13): every Titans gate case compiles without spills for its targets,
 # with Triton 3.6 and 3.9.
 # case id -> (reason, toolchains or None for all, archs or None for all), each entry measured (2-core VM,
-# triton 3.6.0 and 3.9.0, ptxas' spill counts). None today: every gate case compiles without spills.
-KNOWN_FAILURES: dict = {}
+# triton 3.6.0 and 3.9.0, ptxas' spill counts). Every case up to head dim 128 compiles without spills; at
+# head dim 256 (beyond issue 13's no-spill bound) three kernels hold whole [C, 256] tiles at 255 registers.
+KNOWN_FAILURES: dict = {
+    "titans-fwd-bf16-d256-chunk=64-depth=1": (
+        "linear forward at head dim 256: titans_linear_fwd_kernel spills 204 B (Triton 3.6) / 176 B (3.9) "
+        "at 255 registers; the head dim is not split into blocks in the forward", None, None),
+    "titans-fwd-bf16-d256-chunk=32-depth=2-hidden=4": (
+        "MLP forward at head dim 256: titans_mlp_queries_kernel spills 148 B at 255 registers", None, None),
+    "titans-bwd-bf16-d256-chunk=32-depth=2-hidden=4": (
+        "MLP backward at head dim 256: titans_mlp_bwd_queries_grad_kernel spills 12 B stores (Triton 3.9)",
+        ("triton-installed",), None),
+}
 
 
 def _params():
