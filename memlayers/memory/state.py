@@ -17,6 +17,8 @@ import torch
 from ..ops.utils import FLOAT_DTYPES
 
 STATE_NAMES = ("keys", "values", "positions", "count", "write_ptr", "next_position")
+# The per-slot buffers: (name, slot axis, what an empty slot holds).
+SLOT_BUFFERS = (("keys", 2, 0), ("values", 2, 0), ("positions", 1, -1))
 
 
 def _shape_problems(state: Dict[str, torch.Tensor], heads: int, dim: int, value_dim: int, most: int = None) -> List[str]:
@@ -127,12 +129,11 @@ def fit_slots(state: Dict[str, torch.Tensor], slots: int) -> Dict[str, torch.Ten
     if have == slots:
         return state
     out = dict(state)
-    if have > slots:
-        out["keys"], out["values"] = state["keys"][:, :, :slots], state["values"][:, :, :slots]
-        out["positions"] = state["positions"][:, :slots]
-        return out
-    for name, axis, empty in (("keys", 2, 0), ("values", 2, 0), ("positions", 1, -1)):
+    for name, axis, empty in SLOT_BUFFERS:
         t = state[name]
+        if have > slots:
+            out[name] = t.narrow(axis, 0, slots)
+            continue
         shape = list(t.shape)
         shape[axis] = slots - have
         out[name] = torch.cat([t, t.new_full(shape, empty)], dim=axis)

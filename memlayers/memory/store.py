@@ -52,7 +52,7 @@ from .names import FAISS_INDEXES, store_names, upgrade_config
 from .protocol import MemoryModule, row_mask
 from .result import KNNSearchResult
 from .sharding import Stripe, assemble, fetch_winners, merge_topk
-from .state import STATE_NAMES, check_state, fit_slots
+from .state import SLOT_BUFFERS, STATE_NAMES, check_state, fit_slots
 
 
 def _locked(method):
@@ -265,13 +265,13 @@ class KNNMemory(nn.Module, MemoryModule):
         old = (self.keys, self.values, self.positions)
         B, H, slots, n = self.batch_size, self.heads, slots_for(needed, self._local_capacity()), self._local_filled()
         # Uninitialized, then the prefix copied and only the rest emptied: each byte written once.
-        keys = _new_keys(B, H, slots, self.dim, self.device, self.dtype, make=torch.empty)
-        values = torch.empty(B, H, slots, self.value_dim, device=self.device, dtype=self.dtype)
-        positions = torch.empty(B, slots, device=self.device, dtype=torch.long)
-        for new, buf, axis, empty in ((keys, old[0], 2, 0), (values, old[1], 2, 0), (positions, old[2], 1, -1)):
+        grown = (_new_keys(B, H, slots, self.dim, self.device, self.dtype, make=torch.empty),
+                 torch.empty(B, H, slots, self.value_dim, device=self.device, dtype=self.dtype),
+                 torch.empty(B, slots, device=self.device, dtype=torch.long))
+        for new, buf, (_, axis, empty) in zip(grown, old, SLOT_BUFFERS):
             new.narrow(axis, 0, n).copy_(buf.narrow(axis, 0, n))
             new.narrow(axis, n, slots - n).fill_(empty)
-        self.keys, self.values, self.positions = keys, values, positions
+        self.keys, self.values, self.positions = grown
         return old
 
     # A lock cannot be copied or pickled: a copy of the memory gets a lock of its own.
@@ -621,9 +621,8 @@ class KNNMemory(nn.Module, MemoryModule):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         n = self._local_filled()  # the slots past it hold nothing (see the module docstring)
-        destination[prefix + "keys"] = destination[prefix + "keys"][:, :, :n]
-        destination[prefix + "values"] = destination[prefix + "values"][:, :, :n]
-        destination[prefix + "positions"] = destination[prefix + "positions"][:, :n]
+        for name, axis, _ in SLOT_BUFFERS:
+            destination[prefix + name] = destination[prefix + name].narrow(axis, 0, n)
         if self._stripe is None:
             destination[prefix + "capacity"] = torch.tensor(self.capacity)
         if self._index is not None:
