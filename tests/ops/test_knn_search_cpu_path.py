@@ -88,3 +88,23 @@ def test_search_is_not_differentiable():
     q = torch.randn(1, 1, 2, 8, requires_grad=True)
     s, _ = knn_search(q, torch.randn(1, 1, 30, 8), 4, backend="torch")
     assert not s.requires_grad
+
+
+def test_kept_score_block_leaves_earlier_results_alone(monkeypatch):
+    # Decode-sized blocks reuse one buffer across calls; what a call returned must not change after
+    # the next call, chunked or not, and a block above the kept size is allocated fresh.
+    torch.manual_seed(5)
+    q1, q2 = torch.randn(1, 6, 1, 16), torch.randn(1, 6, 1, 16)
+    keys = dim_major(torch.randn(1, 3, 301, 16))
+    s1, i1 = knn_search_naive(q1, keys, 7)
+    expected = (s1.clone(), i1.clone())
+    knn_search_naive(q2, keys, 7)
+    torch.testing.assert_close((s1, i1), expected)
+    check_topk(s1, i1, q1, keys, 7, "ip", None)
+    monkeypatch.setattr(naive, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(naive, "SCORE_BUDGET", 3 * 301 * 2)  # chunks of 2, 2 and 1 query rows
+    long_q = torch.randn(1, 3, 5, 16)
+    s, i = knn_search_naive(long_q, keys, 7)
+    check_topk(s, i, long_q, keys, 7, "ip", None)
+    monkeypatch.setattr(naive, "KEPT_SCORE_ELEMENTS", 0)  # every block fresh: the same results
+    torch.testing.assert_close(knn_search_naive(long_q, keys, 7), (s, i))
