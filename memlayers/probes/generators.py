@@ -27,7 +27,7 @@ from .formats import (
     random_keys,
     random_values,
 )
-from .haystack import Haystack, check_tokenizer, fit_count, insert_at_depths, prompt_tokens
+from .haystack import Haystack, check_tokenizer, insert_at_depths, prompt_tokens
 
 # RULER's four needle tasks as (keys, values per key, queried keys).
 NEEDLE_VARIANTS: Dict[str, tuple] = {
@@ -101,7 +101,7 @@ def _fit_context(tokenizer, hay: Haystack, intro: str, items, query: str, contex
         units = hay.units(n)
         return insert_at_depths(units, hay.token_weights(tokenizer, units), items, joiner=joiner)
 
-    n = fit_count(lambda n: len(prompt_tokens(tokenizer, intro + build(n)[0], query)), context_length, name="context_length")
+    n = hay.fit(lambda n: len(prompt_tokens(tokenizer, intro + build(n)[0], query)), context_length, name="context_length")
     text, actual = build(n)
     return intro + text, actual
 
@@ -242,7 +242,7 @@ def retention_sample(
     def measure(n: int) -> int:
         return len(tokenizer.encode(build(n), add_special_tokens=False))
 
-    n = fit_count(measure, max(distance, measure(0)), name="distance")
+    n = hay.fit(measure, max(distance, measure(0)), name="distance")
     between = build(n)
     context = NIAH_INTRO.format(type_v=TYPE_V) + needles[0] + (" " + between if between else "")
     query = NIAH_QUESTION.format(type_v=TYPE_V, query=keys[0]) + NIAH_ANSWER_PREFIX.format(type_v=TYPE_V, query=keys[0])

@@ -2,7 +2,11 @@
 
 A haystack is a list of word units (a word and the whitespace after it), so a prompt can be grown
 one word at a time: that granularity is what keeps prompts within 2% of the requested length even
-at a few hundred tokens. Needles go at sentence boundaries, placed by token count, not characters.
+at a few hundred tokens. The filler ends with a whole sentence wherever one ends within that 2%
+(``Haystack.fit``): a fragment such as "There and" before the last needle or the question is text
+the public formats never show a model (RULER's and the passkey test's noise filler is whole
+sentences), and SmolLM2 answers an in-window passkey after it wrongly where it answers it after a
+whole sentence. Needles go at sentence boundaries, placed by token count, not characters.
 """
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from .formats import NOISE
 
 _SENTENCE_END = (".", "!", "?")
+# Prompts are built within this fraction below the requested length.
+LENGTH_TOLERANCE = 0.02
+
+
+def ends_sentence(unit: str) -> bool:
+    """Whether a sentence (or a line) ends with the word unit ``unit``."""
+    return unit.rstrip().endswith(_SENTENCE_END) or "\n" in unit
 
 
 def check_tokenizer(tokenizer) -> None:
@@ -70,6 +81,18 @@ class Haystack:
         w = self._words
         return [w[i % len(w)] for i in range(n)]
 
+    def fit(self, measure: Callable[[int], int], target: int, *, name: str) -> int:
+        """The number of word units to use: the most whose ``measure(n)`` (the tokens of what is built
+        from the first ``n`` units) stays within ``target``, cut back to its last whole sentence where
+        that still measures at least ``1 - LENGTH_TOLERANCE`` of ``target`` (a text of long sentences
+        at a short length ends on a word instead)."""
+        n = fit_count(measure, target, name=name)
+        units = self.units(n)
+        whole = next((b for b in range(n, 0, -1) if ends_sentence(units[b - 1])), 0)
+        if whole < n and whole > 0 and measure(whole) >= (1 - LENGTH_TOLERANCE) * target:
+            return whole
+        return n
+
     def token_weights(self, tokenizer, units: Sequence[str]) -> List[int]:
         """Tokens per unit (each distinct unit encoded once), used to place needles by token depth."""
         missing = [u for u in set(units) if u not in self._token_counts]
@@ -96,7 +119,7 @@ def insert_at_depths(
     for w in weights:
         cum.append(cum[-1] + w)
     total = cum[-1]
-    bounds = [i for i in range(n + 1) if i in (0, n) or units[i - 1].rstrip().endswith(_SENTENCE_END) or "\n" in units[i - 1]]
+    bounds = [i for i in range(n + 1) if i in (0, n) or ends_sentence(units[i - 1])]
     at: Dict[int, List[str]] = {}
     actual = []
     for depth, text in items:
