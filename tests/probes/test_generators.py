@@ -150,3 +150,36 @@ def test_other_bad_input(tokenizer):
         Haystack.from_file("/nonexistent/file.txt")
     with pytest.raises(ValueError, match="text"):
         Haystack("   ")
+
+
+@pytest.mark.parametrize("length", [300, 1000, 2048])
+def test_filler_ends_with_a_whole_sentence(tokenizer, length):
+    # A fragment ("There and") before the last needle or the question is text the public formats never
+    # show; at depth 1 the needle follows the filler's last sentence directly.
+    p = passkey_sample(tokenizer, length, 1.0, seed=length)
+    before = p.context.split("\n" + p.needles[0])[0]
+    assert before.endswith(".") and p.context.endswith(p.needles[0])
+    for depth in (0.0, 0.5):
+        s = needle_sample(tokenizer, length, depth, seed=length)
+        assert s.context.endswith("."), s.context[-40:]
+        assert 0.98 * length <= s.params["prompt_tokens"] <= length
+    r = retention_sample(tokenizer, length // 2, 2, seed=1)
+    assert r.context.endswith(".")
+
+
+def test_filler_of_long_sentences_ends_on_a_word(tokenizer, tmp_path):
+    # No sentence ends within 2% of the length: the prompt keeps its length and ends mid-sentence.
+    f = tmp_path / "run-on.txt"
+    f.write_text(" ".join(["and the river kept on running past the town"] * 40) + ".")
+    s = needle_sample(tokenizer, 300, 0.0, haystack=Haystack.from_file(f))
+    assert 0.98 * 300 <= s.params["prompt_tokens"] <= 300
+    assert not s.context.endswith(".")
+
+
+def test_haystack_fit_cuts_back_to_the_last_sentence_within_tolerance():
+    hay = Haystack("One two three. Four five six seven.")  # sentences end after units 3, 7, 10, 14, ...
+    words = lambda n: n  # noqa: E731  (one token per unit)
+    assert hay.fit(words, 100, name="x") == 98  # unit 100 is "two"; 98 ends "seven." and is 98% of 100
+    assert hay.fit(words, 50, name="x") == 49
+    assert hay.fit(words, 6, name="x") == 6  # the last sentence end (3) is too far below 6: ends on a word
+    assert hay.fit(words, 7, name="x") == 7
