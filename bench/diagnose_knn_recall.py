@@ -1,4 +1,5 @@
-"""Why a kNN-memory recall misses: does the needle reach each layer's top-k, and what fills it instead.
+"""Why a kNN-memory recall misses: does the needle reach each layer's top-k, and what fills it instead;
+for a needle inside the window, how much the memory's reads weigh and in which layers they decide.
 
 One probe prompt (passkey or RULER needle) is memorized on the embedded SmolLM2 with the library's
 defaults but for its last ``--window`` context tokens, as in condition (b) of the efficacy table;
@@ -17,6 +18,12 @@ whole memory, per query head:
     python bench/diagnose_knn_recall.py --probe passkey --length 8k --depth 0.75 --seed 0 \\
         --out bench/results/knn-recall-diagnosis.json
 
+A needle in the last ``--window`` tokens is read locally, so nothing in the memory can be missed;
+a miss there is the memory's reads pulling the answer elsewhere. For such a prompt the report holds,
+per kNN layer, the memory's share of the question's last query's attention (the joint softmax's
+weight on the retrieved memories, mean and max over query heads), the greedy answer, and the answers
+with the memory read switched off in each third of the layers (``no_memory_in``).
+
 Results are added to ``--out`` (one entry per prompt), with the machine, load and seconds.
 """
 from __future__ import annotations
@@ -32,8 +39,9 @@ from pathlib import Path
 import torch
 
 import memlayers.hf as mh
+import memlayers.hf.knn as knn_wrapper
 from memlayers.hf.state import memory_wrappers
-from memlayers.probes import needle_sample, passkey_sample
+from memlayers.probes import needle_sample, passkey_sample, string_match_all
 from memlayers.probes.haystack import parse_size
 
 
@@ -90,23 +98,76 @@ def _layer_report(mem, q_last, needle_slots, slot_tokens, top_ks):
     return heads
 
 
+def _memory_shares(model, ids: torch.Tensor) -> list:
+    """Per kNN layer (in order), the memories' share of the last query's joint attention, per query head."""
+    shares = []
+    combine = knn_wrapper.combine_memory
+
+    def spy(out_l, lse_l, out_m, lse_m, *args, **kwargs):
+        last_l, last_m = lse_l[0, :, -1], lse_m[0, :, -1]
+        shares.append(torch.exp(last_m - torch.logaddexp(last_l, last_m)).tolist())
+        return combine(out_l, lse_l, out_m, lse_m, *args, **kwargs)
+
+    knn_wrapper.combine_memory = spy
+    try:
+        model(ids)
+    finally:
+        knn_wrapper.combine_memory = combine
+    return shares
+
+
+def _answer(model, tok, ids: torch.Tensor, expected, max_new_tokens: int) -> dict:
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tok.eos_token_id)
+    response = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return {"response": response, "score": string_match_all(response, expected)}
+
+
+def _in_window(model, tok, wrappers, ids: torch.Tensor, expected, max_new_tokens: int) -> dict:
+    """The memory's weight per layer and the answers with each third of the layers not reading it."""
+    shares = _memory_shares(model, ids)
+    layers = [{"layer": w.layer_index, "memory_share_mean": round(sum(s) / len(s), 3),
+               "memory_share_max": round(max(s), 3)} for w, s in zip(wrappers, shares)]
+    report = {"layers": layers, "answer": _answer(model, tok, ids, expected, max_new_tokens), "no_memory_in": {}}
+    n = len(wrappers)
+    for part in range(3):
+        off = wrappers[part * n // 3:(part + 1) * n // 3]
+        if not off:
+            continue
+        for w in off:  # an instance attribute over the method, deleted afterwards
+            w.holds_memories = lambda: False
+        try:
+            answer = _answer(model, tok, ids, expected, max_new_tokens)
+        finally:
+            for w in off:
+                del w.holds_memories
+        report["no_memory_in"][f"{off[0].layer_index}-{off[-1].layer_index}"] = answer
+    return report
+
+
 @torch.no_grad()
-def diagnose(model, tok, probe: str, length: int, depth: float, seed: int, window: int, top_ks) -> dict:
+def diagnose(model, tok, probe: str, length: int, depth: float, seed: int, window: int, top_ks,
+             max_new_tokens: int = 16) -> dict:
     sample = (passkey_sample if probe == "passkey" else needle_sample)(tok, length, depth, seed=seed)
     context = tok.encode(sample.context, add_special_tokens=True)
     needle_pos = _needle_token_positions(tok, sample.context, sample.needles[0])
     earlier = context[:-window]
-    needle_pos = [p for p in needle_pos if p < len(earlier)]
-    if not needle_pos:
-        raise SystemExit(f"the needle lies in the last {window} tokens: nothing to diagnose in the memory")
+    in_memory = [p for p in needle_pos if p < len(earlier)]
     wrappers = memory_wrappers(model, ("knn",))
     t0 = time.perf_counter()
     mh.reset_memory(model)
     mh.memorize(model, torch.tensor([earlier]), progress=False)
     memorize_s = time.perf_counter() - t0
+    ids = torch.tensor([context[-window:] + tok.encode(sample.query, add_special_tokens=False)])
+    entry = {"probe": probe, "length": length, "depth": depth, "seed": seed, "window": window,
+             "memorized_tokens": len(earlier), "memorize_s": round(memorize_s, 1)}
+    if not in_memory:
+        entry["needle_in_window"] = True
+        entry.update(_in_window(model, tok, wrappers, ids, sample.expected, max_new_tokens))
+        return entry
+    needle_pos = in_memory
     seen, restore = _record_searches(wrappers)
     try:
-        ids = torch.tensor([context[-window:] + tok.encode(sample.query, add_special_tokens=False)])
         model(ids)
     finally:
         restore()
@@ -126,9 +187,8 @@ def diagnose(model, tok, probe: str, length: int, depth: float, seed: int, windo
             summary[f"top{k}_distinct_tokens_mean"] = round(sum(h[f"top{k}_distinct_tokens"] for h in heads) / len(heads), 1)
         summary["heads"] = heads
         layers.append(summary)
-    return {"probe": probe, "length": length, "depth": depth, "seed": seed, "window": window,
-            "memorized_tokens": len(earlier), "needle_tokens": len(needle_pos), "memorize_s": round(memorize_s, 1),
-            "layers": layers}
+    entry.update({"needle_tokens": len(needle_pos), "layers": layers})
+    return entry
 
 
 def main() -> None:
@@ -160,6 +220,8 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=1))
     for s in entry["layers"]:
         print(s["layer"], {k: v for k, v in s.items() if k not in ("heads", "layer")})
+    if entry.get("needle_in_window"):
+        print("answer:", entry["answer"], "without memory in layers:", entry["no_memory_in"])
 
 
 if __name__ == "__main__":
