@@ -21,7 +21,8 @@ def model(model_dir):
     from transformers import LlamaForCausalLM
 
     m = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    mh.attach(m, mh.KNNMemoryConfig(top_k=8))
+    # The torch path, as the script runs on CPU (the suite's TRITON_INTERPRET would interpret kernels).
+    mh.attach(m, mh.KNNMemoryConfig(top_k=8, backend="torch"))
     return m
 
 
