@@ -18,7 +18,8 @@ query head by a learned ``sigmoid(gate)`` (Memorizing Transformers).
 Defaults (one set, used by both), with the HuggingFace attachment's ``layers=None`` (every layer),
 ``position="rotate"`` and ``combine="joint"``, chosen by ``bench/sweep_knn_defaults.py`` on the
 embedded SmolLM2-135M (results: ``bench/results/knn-defaults.json``; passkey and RULER needle, 2K
-to 8K tokens, 512-token window; seeds 1000 and 1001, other than the efficacy table's 0): every
+to 8K tokens, 512-token window; seeds 1000 and 1001, other than the efficacy table's 0; prompts
+whose filler could still end mid-sentence, before ``Haystack.fit``): every
 layer reading with top_k 16, 32, 64 or 128 recalled every prompt but one (a 4K passkey at depth
 100%, inside the window, which the model misses with full context too), while ``"fixed"`` and
 reading in layers 0-23 or 4-23 only missed a 4K passkey that every layer recalled; ``"none"``
