@@ -152,7 +152,7 @@ def diagnose(model, tok, probe: str, length: int, depth: float, seed: int, windo
     context = tok.encode(sample.context, add_special_tokens=True)
     needle_pos = _needle_token_positions(tok, sample.context, sample.needles[0])
     earlier = context[:-window]
-    in_memory = [p for p in needle_pos if p < len(earlier)]
+    needle_pos = [p for p in needle_pos if p < len(earlier)]  # those in the memory
     wrappers = memory_wrappers(model, ("knn",))
     t0 = time.perf_counter()
     mh.reset_memory(model)
@@ -161,11 +161,10 @@ def diagnose(model, tok, probe: str, length: int, depth: float, seed: int, windo
     ids = torch.tensor([context[-window:] + tok.encode(sample.query, add_special_tokens=False)])
     entry = {"probe": probe, "length": length, "depth": depth, "seed": seed, "window": window,
              "memorized_tokens": len(earlier), "memorize_s": round(memorize_s, 1)}
-    if not in_memory:
+    if not needle_pos:
         entry["needle_in_window"] = True
         entry.update(_in_window(model, tok, wrappers, ids, sample.expected, max_new_tokens))
         return entry
-    needle_pos = in_memory
     seen, restore = _record_searches(wrappers)
     try:
         model(ids)

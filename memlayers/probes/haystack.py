@@ -89,7 +89,7 @@ class Haystack:
         n = fit_count(measure, target, name=name)
         units = self.units(n)
         whole = next((b for b in range(n, 0, -1) if ends_sentence(units[b - 1])), 0)
-        if whole < n and whole > 0 and measure(whole) >= (1 - LENGTH_TOLERANCE) * target:
+        if 0 < whole < n and measure(whole) >= (1 - LENGTH_TOLERANCE) * target:
             return whole
         return n
 
